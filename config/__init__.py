@@ -1,0 +1,174 @@
+"""Training configuration: one dataclass, plain-Python config files, validated CLI overrides.
+
+A config file (e.g. config/7b.py) is ordinary Python that builds `config = TrainConfig(...)`;
+it is run in a namespace of its own (runpy), so nothing leaks into the trainer's globals.
+Overrides are `--key=value` for training keys and `--model.key=value` for model keys; an
+unknown key or a value of the wrong type is a one-line error naming what would be valid.
+"""
+import dataclasses
+import difflib
+import runpy
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override the user has to fix; its message says how."""
+
+
+def small_model() -> ModelConfig:
+    """The default model: sized so a 2-core CPU trains it on tinyshakespeare in minutes."""
+    return ModelConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, ffn_hidden=512,
+                       max_seq_len=128, dropout=0.1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. The defaults are the small CPU run on the bundled corpus."""
+    model: ModelConfig = field(default_factory=small_model)
+
+    # data: raw inputs (files, folders, .jsonl) are prepared into token shards in data_dir on first use
+    inputs: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])
+    data_dir: str = "out/data/tinyshakespeare"
+    tokenizer: str = ""                 # an existing tokenizer file; "" trains one of model.vocab_size
+    val_fraction: float = 0.1           # the tail of the corpus held out for validation
+    tokenizer_max_bytes: int = 200_000_000  # tokenizer training reads at most this much text
+
+    out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
+
+    # batch: sequences are model.max_seq_len tokens long
+    micro_batch_size: int = 32          # sequences per rank per forward/backward
+    global_batch_tokens: int = 4096     # per optimizer step, all ranks; sets gradient accumulation
+    max_steps: int = 2000
+
+    # AdamW with linear warmup then cosine decay to min_lr_ratio * lr
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    # evaluation, logging, checkpoints (intervals in optimizer steps)
+    eval_interval: int = 250
+    eval_tokens: int = 65536            # validation tokens per evaluation (whole split when it is smaller)
+    log_interval: int = 25
+    ckpt_interval: int = 1000
+    max_bad_steps: int = 3              # consecutive non-finite losses before the run stops
+    sample_tokens: int = 200            # printed from the final model; 0 for none
+
+    # system
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    parallel: str = "ddp"               # ddp | fsdp (only used under torchrun with more than one rank)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 1337
+
+    def __post_init__(self):
+        checks = [
+            (self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', not {self.parallel!r}"),
+            (self.dtype in ("auto", "float32", "bfloat16"),
+             f"dtype must be 'auto', 'float32' or 'bfloat16', not {self.dtype!r}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, not {self.val_fraction}"),
+            (self.micro_batch_size > 0, "micro_batch_size must be positive"),
+            (self.global_batch_tokens > 0, "global_batch_tokens must be positive"),
+            (self.max_steps > 0, "max_steps must be positive"),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (min(self.eval_interval, self.log_interval, self.ckpt_interval, self.eval_tokens) > 0,
+             "eval_interval, log_interval, ckpt_interval and eval_tokens must be positive"),
+            (bool(self.inputs) or bool(self.data_dir), "give inputs to prepare or a prepared data_dir"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so that all ranks together see global_batch_tokens."""
+        tokens_per_micro_step = self.micro_batch_size * self.model.max_seq_len * world_size
+        if self.global_batch_tokens % tokens_per_micro_step:
+            raise ConfigError(
+                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size"
+                f" x max_seq_len x world_size = {tokens_per_micro_step}; change one of them")
+        return self.global_batch_tokens // tokens_per_micro_step
+
+
+def _parse_value(text: str, annotation, key: str):
+    """Convert a CLI string to the field's declared type, or fail with a ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if text.lower() in ("none", "null", ""):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            number = float(text.replace("_", ""))  # accepts 4e6 and 4_000_000
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if annotation is float:
+            return float(text)
+        if typing.get_origin(annotation) is list:
+            return [item for item in text.split(",") if item]
+        return text
+    except ValueError:
+        name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"--{key}={text}: expected a value of type {name}") from None
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    """Every key an override may name: training keys, then model.<key>."""
+    train_keys = [k for k in _field_types(TrainConfig) if k != "model"]
+    return train_keys + [f"model.{k}" for k in _field_types(ModelConfig)]
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a new config with `--key=value` overrides applied; each is checked by name and type."""
+    train_values, model_values = {}, {}
+    train_types, model_types = _field_types(TrainConfig), _field_types(ModelConfig)
+    for override in overrides:
+        if not override.startswith("--") or "=" not in override:
+            raise ConfigError(f"cannot read {override!r}: overrides look like --key=value (e.g. --lr=1e-3)")
+        key, text = override[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key.startswith("model.") and key[6:] in model_types:
+            model_values[key[6:]] = _parse_value(text, model_types[key[6:]], key)
+        elif key in train_types and key != "model":
+            train_values[key] = _parse_value(text, train_types[key], key)
+        else:
+            close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see config/__init__.py for the keys"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    model = dataclasses.replace(config.model, **model_values)
+    return dataclasses.replace(config, model=model, **train_values)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Build the config from an optional config file, then apply the overrides."""
+    if path is None:
+        config = TrainConfig()
+    else:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} not found (see config/ for examples)")
+        namespace = runpy.run_path(path)
+        config = namespace.get("config")
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"{path} must define `config = TrainConfig(...)`")
+    return apply_overrides(config, list(overrides))

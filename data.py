@@ -1,0 +1,375 @@
+"""Data: corpus -> tokenizer -> token shards on disk -> batches of token windows.
+
+`prepare` streams text from files, folders of files and .jsonl (one {"text": ...} per line),
+trains a tokenizer on the train split (or loads a given one), encodes in worker processes and
+writes numbered shards of uint16 tokens (uint32 when the vocabulary needs it) for a train and a
+val split, with `<|endoftext|>` after every document. The val split is the tail of the corpus.
+Everything is written into a temporary folder that is renamed into place at the end, so an
+interrupted prepare never leaves a folder that looks complete; meta.json marks a complete one.
+
+`TokenData` memory-maps one split's shards as a single stream. A training batch is a set of
+windows of seq_len + 1 tokens whose starts come from a generator seeded by (seed, step), so the
+batch of any step can be recomputed from the step number alone: that number is the whole loader
+state a checkpoint needs, and ranks take disjoint slices of the same global batch.
+
+    python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenizer import Tokenizer
+
+META_FORMAT = "llm-tokens"
+META_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+CHUNK_BYTES = 1 << 20  # text is encoded in pieces of about this size, cut at line starts
+SHARD_TOKENS = 100_000_000
+
+
+class DataError(RuntimeError):
+    """Missing, stale or unusable data; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- reading the corpus
+
+def input_files(paths: list[str]) -> list[Path]:
+    """Expand files and folders (recursively, sorted) into the list of files to read."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {path} does not exist; pass text files, folders or .jsonl files")
+    if not files:
+        raise DataError(f"no input files found in {', '.join(paths)}")
+    return files
+
+
+def iter_documents(files: list[Path]):
+    """Yield (text, document_ends_here, source_bytes_read_so_far) in pieces of ~CHUNK_BYTES.
+
+    A .jsonl line is one document; a text file is one document, read in pieces cut just before
+    a line that starts with a non-space character, where the GPT-4 split pattern would also cut,
+    so encoding piece by piece gives the same tokens as encoding the whole file.
+    """
+    consumed = 0
+    for path in files:
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    consumed += len(line)
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(f"{path}:{line_number} is not a JSON object with a \"text\" field")
+                    yield text, True, consumed
+            continue
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            carry = ""
+            while chunk := f.read(CHUNK_BYTES):
+                consumed += len(chunk.encode("utf-8"))
+                buffer = carry + chunk
+                cut = _last_line_start(buffer)
+                carry = buffer[cut:]
+                if cut:
+                    yield buffer[:cut], False, consumed - len(carry.encode("utf-8"))
+            yield carry, True, consumed
+
+
+_LINE_START = re.compile(r"\n(?=\S)")
+
+
+def _last_line_start(text: str) -> int:
+    """Index just after the last newline that is followed by a non-space character (0 if none)."""
+    position = 0
+    for match in _LINE_START.finditer(text, max(0, len(text) - 65536)):
+        position = match.end()
+    return position
+
+
+def iter_splits(paths: list[str], val_fraction: float):
+    """Yield (split, text, document_ends_here): the last val_fraction of the input bytes is "val".
+
+    The boundary falls on a line start inside whichever piece straddles it.
+    """
+    files = input_files(paths)
+    total = sum(p.stat().st_size for p in files)
+    boundary = total * (1 - val_fraction)
+    before = 0
+    for text, doc_end, after in iter_documents(files):
+        if after <= boundary:
+            yield "train", text, doc_end
+        elif before >= boundary:
+            yield "val", text, doc_end
+        else:
+            fraction = (boundary - before) / max(after - before, 1)
+            cut = text.find("\n", int(len(text) * fraction)) + 1 or len(text)
+            yield "train", text[:cut], False
+            yield "val", text[cut:], doc_end
+        before = after
+
+
+# ----------------------------------------------------------------------------- preparing shards
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_path):
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_path)
+
+
+def _encode_piece(piece):
+    """Worker: encode one piece of text; text that looks like a special token stays plain text."""
+    split, text, doc_end = piece
+    ids = _worker_tokenizer.encode_ordinary(text)
+    if doc_end:
+        ids.append(_worker_tokenizer.eot_id)
+    return split, ids, len(text.encode("utf-8"))
+
+
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _ShardWriter:
+    """Appends tokens of one split to numbered shard files of at most SHARD_TOKENS tokens."""
+
+    def __init__(self, folder: Path, split: str, dtype):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.shards, self.tokens, self.bytes, self.documents = [], 0, 0, 0
+        self.file, self.in_shard = None, 0
+
+    def write(self, ids: list[int], text_bytes: int, doc_end: bool):
+        self.bytes += text_bytes
+        self.documents += doc_end
+        array = np.asarray(ids, dtype=self.dtype)
+        while len(array):
+            if self.file is None or self.in_shard == SHARD_TOKENS:
+                self._next_shard()
+            take = array[: SHARD_TOKENS - self.in_shard]
+            self.file.write(take.tobytes())
+            self.in_shard += len(take)
+            self.tokens += len(take)
+            array = array[len(take):]
+
+    def _next_shard(self):
+        if self.file:
+            self.file.close()
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self.shards.append(name)
+        self.file, self.in_shard = open(self.folder / name, "wb"), 0
+
+    def close(self) -> dict:
+        if self.file:
+            self.file.close()
+        return {"shards": self.shards, "tokens": self.tokens, "bytes": self.bytes, "documents": self.documents}
+
+
+class _Progress:
+    """Prints MB done, MB/s and ETA to stderr at most once a second."""
+
+    def __init__(self, label: str, total_bytes: int):
+        self.label, self.total, self.start, self.last = label, total_bytes, time.time(), 0.0
+
+    def update(self, done: int, final=False):
+        now = time.time()
+        if not final and now - self.last < 1:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate and not final else 0
+        print(f"\r{self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB  {rate / 1e6:.2f} MB/s"
+              f"  ETA {eta:4.0f}s", end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, tokenizer_path: str | None = None,
+            val_fraction: float = 0.1, tokenizer_max_bytes: int = 200_000_000, num_workers: int | None = None,
+            verbose: bool = True) -> dict:
+    """Tokenize the inputs into out_dir (train/val shards, tokenizer.json, meta.json); return meta."""
+    out, files = Path(out_dir), input_files(inputs)
+    if (out / "meta.json").exists():
+        raise DataError(f"{out} already holds prepared data; delete it or choose another folder")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            if verbose:
+                print(f"training a {vocab_size}-token tokenizer on {', '.join(inputs)}", file=sys.stderr)
+            train_text = (text for split, text, _ in iter_splits(inputs, val_fraction) if split == "train")
+            tokenizer = Tokenizer.train(train_text, vocab_size, max_bytes=tokenizer_max_bytes, verbose=verbose)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+        writers = {split: _ShardWriter(tmp, split, dtype) for split in ("train", "val")}
+        total_bytes = sum(p.stat().st_size for p in files)
+        workers = num_workers or min(os.cpu_count() or 1, 8)
+        progress, done = _Progress("encoding", total_bytes), 0
+        pieces = iter_splits(inputs, val_fraction)
+        with contextlib.ExitStack() as stack:
+            tokenizer_file = str(tmp / TOKENIZER_FILE)
+            if workers > 1 and total_bytes > 8 * CHUNK_BYTES:  # below that, starting workers costs more
+                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                    workers, _init_worker, (tokenizer_file,)))
+                encode_all = pool.map
+            else:
+                _init_worker(tokenizer_file)
+                encode_all = lambda function, batch: list(map(function, batch))  # noqa: E731
+            # Bounded batches keep memory flat however large the corpus: imap would read ahead freely.
+            while batch := [piece for _, piece in zip(range(4 * workers), pieces)]:
+                for (split, ids, text_bytes), (_, _, doc_end) in zip(encode_all(_encode_piece, batch), batch):
+                    writers[split].write(ids, text_bytes, doc_end)
+                    done += text_bytes
+                if verbose:
+                    progress.update(done)
+        if verbose:
+            progress.update(done, final=True)
+        meta = {"format": META_FORMAT, "version": META_VERSION, "dtype": np.dtype(dtype).name,
+                "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
+                "inputs": [str(p) for p in inputs], "val_fraction": val_fraction,
+                "splits": {split: writer.close() for split, writer in writers.items()}}
+        for split, info in meta["splits"].items():
+            if info["tokens"] == 0:
+                raise DataError(f"the {split} split of {', '.join(inputs)} is empty; add text or change val_fraction")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete folder (no meta.json) from an older attempt
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def read_meta(data_dir: str) -> dict:
+    """meta.json of a prepared folder, or a DataError saying how to prepare one."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"no prepared data in {data_dir} (meta.json missing); run "
+                        f"`python data.py --input YOUR_TEXT --out {data_dir} --vocab-size N` or set inputs")
+    try:
+        meta = json.loads(path.read_text())
+        assert meta["format"] == META_FORMAT and meta["version"] == META_VERSION
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise DataError(f"{path} is corrupt or from another version; prepare the data again") from None
+    return meta
+
+
+# ----------------------------------------------------------------------------- loading batches
+
+class TokenData:
+    """One split of a prepared folder, memory-mapped as a single stream of tokens."""
+
+    def __init__(self, data_dir: str, split: str):
+        meta = read_meta(data_dir)
+        self.meta = meta
+        info = meta["splits"][split]
+        try:
+            self.shards = [np.memmap(Path(data_dir) / name, dtype=meta["dtype"], mode="r") for name in info["shards"]]
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"a shard of {data_dir} is missing or empty ({error}); prepare the data again") from None
+        lengths = [len(s) for s in self.shards]
+        if sum(lengths) != info["tokens"]:
+            raise DataError(f"{data_dir}: {split} shards hold {sum(lengths)} tokens, meta.json says "
+                            f"{info['tokens']}; prepare the data again")
+        self.starts = np.cumsum([0] + lengths)
+        self.num_tokens, self.num_bytes, self.split = int(self.starts[-1]), info["bytes"], split
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, across shard boundaries if need be."""
+        parts, end = [], start + length
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            offset = start - self.starts[shard]
+            piece = self.shards[shard][offset: offset + end - start]
+            parts.append(piece)
+            start += len(piece)
+            shard += 1
+        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+
+    def check_length(self, seq_len: int):
+        if self.num_tokens < seq_len + 1:
+            raise DataError(f"the {self.split} split has {self.num_tokens} tokens, fewer than max_seq_len + 1 ="
+                            f" {seq_len + 1}; use a shorter model.max_seq_len or more text")
+
+    def batch(self, starts, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets for windows beginning at `starts`."""
+        rows = np.stack([self.window(int(s), seq_len + 1) for s in starts]).astype(np.int64)
+        tokens = torch.from_numpy(rows)
+        if torch.device(device).type == "cuda":
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def train_starts(self, seed: int, step: int, count: int, seq_len: int) -> np.ndarray:
+        """Window starts of the global batch of `step`: a pure function of (seed, step)."""
+        generator = np.random.default_rng([seed, step])
+        return generator.integers(0, self.num_tokens - seq_len, size=count)
+
+    def eval_starts(self, seq_len: int, max_tokens: int) -> np.ndarray:
+        """Non-overlapping windows from the start of the split, at most max_tokens targets."""
+        count = max(1, min((self.num_tokens - 1) // seq_len, max_tokens // seq_len))
+        return np.arange(count) * seq_len
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens and unused ids), for bits per byte."""
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)
+    specials = set(tokenizer.special_tokens.values())
+    for token_id in range(tokenizer.vocab_size):
+        if token_id not in specials:
+            lengths[token_id] = len(tokenizer.decode_bytes([token_id]))
+    return lengths
+
+
+def bits_per_byte(total_nats: float, total_bytes: float) -> float:
+    """Cross-entropy summed over tokens, in nats, per byte of the text they encode, in bits."""
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Tokenize a corpus into train/val token shards.")
+    parser.add_argument("--input", nargs="+", required=True, help="text files, folders, .jsonl files")
+    parser.add_argument("--out", required=True, help="folder for the shards, tokenizer.json and meta.json")
+    parser.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the train split")
+    parser.add_argument("--tokenizer", help="use this tokenizer file instead of training one")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--tokenizer-max-bytes", type=int, default=200_000_000)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not args.vocab_size and not args.tokenizer:
+        parser.error("give --vocab-size N to train a tokenizer, or --tokenizer PATH")
+    start = time.time()
+    try:
+        meta = prepare(args.input, args.out, args.vocab_size, args.tokenizer, args.val_fraction,
+                       args.tokenizer_max_bytes, args.workers)
+    except (DataError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    seconds = time.time() - start
+    total_bytes = sum(s["bytes"] for s in meta["splits"].values())
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens, {info['bytes']:,} bytes, {info['documents']:,} documents,"
+              f" {info['bytes'] / info['tokens']:.2f} bytes/token")
+    print(f"prepared {total_bytes / 1e6:.1f} MB in {seconds:.1f}s ({total_bytes / 1e6 / seconds:.2f} MB/s)")
+
+
+if __name__ == "__main__":
+    main()
