@@ -1,0 +1,309 @@
+"""A Llama-style decoder-only Transformer in one file.
+
+Pre-norm blocks (RMSNorm or LayerNorm), rotary position embeddings, grouped-query
+attention through F.scaled_dot_product_attention, a SwiGLU feed-forward, no biases in
+any linear layer, and a pre-allocated KV cache for incremental decoding.
+Module and parameter names follow Meta's Llama code, so state_dict keys read
+`layers.3.attention.wq.weight`, `layers.3.feed_forward.w1.weight`, `norm.weight`, ...
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100  # targets equal to this contribute nothing to the loss
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None -> n_heads; fewer gives grouped-query attention
+    ffn_hidden: int | None = None  # None -> Llama's rule, see hidden_dim
+    multiple_of: int = 256
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"  # or "layernorm"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise ValueError(f"n_kv_heads must be positive, got {self.n_kv_heads}")
+        if self.ffn_hidden is not None and self.ffn_hidden <= 0:
+            raise ValueError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    # Derived sizes are properties rather than fields resolved in __post_init__, so that
+    # dataclasses.replace(config, dim=...) recomputes them instead of keeping stale values.
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        # SwiGLU has three matrices instead of two, so Llama shrinks 4*dim by 2/3 to keep the
+        # parameter count of a GELU MLP, then rounds up for matmul-friendly shapes (11008 at dim 4096).
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+def _fp32(x):
+    # Upcast half precision for numerically sensitive steps but leave float64 alone,
+    # so that gradcheck in float64 stays exact.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    # nn.RMSNorm computes in the input dtype; a mean of squares in bf16 is too coarse.
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return F.rms_norm(_fp32(x), (x.size(-1),), _fp32(self.weight), self.eps).type_as(x)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.dim, config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
+    """cos and sin of the rotation angles pos * theta^(-2i/head_dim), shape (seq_len, head_dim/2)."""
+    # Angles are formed in float64: in float32 an angle near 4000 rad is only good to ~5e-4.
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, T, H, head_dim) by position, pairing dimension i with i + head_dim/2.
+
+    This half-split ("rotate_half") layout is GPT-NeoX's and Hugging Face Llama's, so wq and
+    wk copy straight to and from a Hugging Face checkpoint. Meta's original code rotates
+    interleaved pairs (2i, 2i+1) instead; Hugging Face's conversion script permutes the rows
+    of wq/wk to move between the two, and the attention scores come out identical.
+    """
+    x1, x2 = _fp32(x).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values (as in gpt-fast), so decoding never reallocates."""
+
+    def __init__(self, batch_size, n_kv_heads, seq_len, head_dim, device, dtype):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, seq_len, head_dim)
+        # Non-persistent: a cache is scratch space, not part of a checkpoint.
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k, v):
+        """Write k, v (B, n_kv_heads, T, head_dim) at start_pos; return everything cached so far."""
+        B, _, T, _ = k.shape
+        end = start_pos + T
+        self.k[:B, :, start_pos:end] = k
+        self.v[:B, :, start_pos:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start_pos: int | None = None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        mask = None
+        if start_pos is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+            # Query i sits at position start_pos + i and may see every cached key up to there.
+            # is_causal would align the triangle to the top-left, which is wrong once start_pos > 0.
+            key_pos = torch.arange(k.size(2), device=x.device)
+            mask = key_pos[None, :] <= start_pos + torch.arange(T, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            # SDPA broadcasts each kv head over its group of query heads without copying.
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.resid_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = make_norm(config)
+        self.ffn_norm = make_norm(config)
+
+    def forward(self, x, cos, sin, start_pos: int | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = False
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # tied in init_weights
+        # Non-persistent: derived from the config, and init_weights must rebuild them after
+        # to_empty() since a model built on the meta device has no values to move.
+        shape = (config.max_seq_len, config.head_dim // 2)
+        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        c = self.config
+        if c.tie_embeddings:
+            # Tied here rather than in __init__ because to_empty() replaces each module's
+            # parameters separately, which silently unties them.
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        # GPT-2's scheme: each block adds two projections to the residual stream, so shrinking
+        # those by 1/sqrt(2 * n_layers) keeps the stream's variance flat with depth.
+        residual_std = 0.02 / math.sqrt(2 * c.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith((".wo", ".w2")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()  # weight ones, bias zeros
+
+    def forward(self, tokens, targets=None, start_pos: int | None = None):
+        B, T = tokens.shape
+        pos = 0 if start_pos is None else start_pos
+        if start_pos is not None:
+            cache = self.layers[0].attention.kv_cache
+            if cache is None:
+                raise RuntimeError("forward(start_pos=...) needs setup_kv_cache() first")
+            if start_pos < 0 or start_pos + T > cache.k.size(2) or B > cache.k.size(0):
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + T - 1} x batch {B} do not fit the KV cache "
+                    f"(batch {cache.k.size(0)}, length {cache.k.size(2)})"
+                )
+        elif T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                # Trade compute for memory: keep only each block's input, recompute the rest in backward.
+                h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos)
+        logits = self.output(self.norm(h))
+
+        loss = None
+        if targets is not None:
+            # Softmax over a large vocabulary loses accuracy in bf16.
+            loss = F.cross_entropy(
+                _fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, device=None, dtype=None):
+        seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        if not 0 < seq_len <= self.config.max_seq_len:
+            raise ValueError(f"KV cache length must be in 1..{self.config.max_seq_len} (the RoPE table), got {seq_len}")
+        device = self.output.weight.device if device is None else device
+        dtype = self.output.weight.dtype if dtype is None else dtype
+        c = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, c.kv_heads, seq_len, c.head_dim, device, dtype)
+
+    def clear_kv_cache(self):
+        """Free the caches; forward(start_pos=...) then needs setup_kv_cache() again."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count (a tied table counted once).
+
+        exclude_embedding drops the input embedding table, which is a lookup and does no
+        matmul work. A tied table is kept, since it is also the output head.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.config.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6N + 12*L*H*Q*T.
+
+        N = num_params(exclude_embedding=True): every weight that takes part in a matmul,
+        the output head included; each costs 2 FLOPs forward and 4 backward per token.
+        12*L*H*Q*T is attention's QK^T and AV over L layers, H query heads of size Q and a
+        context of T tokens, counted without the causal-mask saving (as PaLM and MFU do).
+        Norms, RoPE, softmax and the SwiGLU product are ignored.
+        """
+        c = self.config
+        T = c.max_seq_len if seq_len is None else seq_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layers * c.n_heads * c.head_dim * T

@@ -1,0 +1,322 @@
+"""Generate text from a trained checkpoint, or export it as a Hugging Face Llama model.
+
+    python sample.py --ckpt out --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50
+    echo "To be" | python sample.py --ckpt out --num-samples 3 --seed 1
+    python sample.py --ckpt out --export-hf out/hf
+
+Generation uses the model's KV cache: one forward pass over the prompt ("prefill"), then one
+position per new token, instead of running the whole text through the model again for each token.
+"""
+
+import argparse
+import base64
+import codecs
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import checkpoint
+from model import ModelConfig, Transformer
+from tokenizer import EOT, Tokenizer
+
+
+class SampleError(ValueError):
+    """A problem with the user's input (files, parameters, prompt); its message is one line."""
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def load_checkpoint(out_dir, device="cpu"):
+    """Load the model (in eval mode, on `device`), tokenizer and training config saved by train.py in `out_dir`."""
+    out_dir = Path(out_dir)
+    ckpt_path, tok_path = out_dir / checkpoint.CKPT_FILE, out_dir / "tokenizer.json"
+    if not out_dir.is_dir():
+        raise SampleError(f"checkpoint folder {out_dir} not found")
+    if not ckpt_path.exists() and (out_dir / checkpoint.DCP_DIR).exists():
+        raise SampleError(f"{out_dir} holds a sharded FSDP checkpoint; run `python train.py --consolidate {out_dir}` first")
+    if not ckpt_path.is_file():
+        raise SampleError(f"no checkpoint at {ckpt_path}; train first or point --ckpt at a run folder")
+    if not tok_path.is_file():  # checked before loading the weights, which can take a while
+        raise SampleError(f"no tokenizer at {tok_path}; train.py writes it next to {checkpoint.CKPT_FILE}")
+    try:  # weights_only, so that a checkpoint from elsewhere cannot run code when loaded
+        ckpt = checkpoint.safe_load(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    if not (isinstance(ckpt.get("config"), dict) and isinstance(ckpt["config"].get("model"), dict) and "model" in ckpt):
+        raise SampleError(f"checkpoint {ckpt_path} has no model weights or model config")
+    try:
+        model = Transformer(ModelConfig(**ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SampleError(f"checkpoint {ckpt_path} does not match model.py: {_first_line(e)}") from None
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise SampleError(_first_line(e)) from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SampleError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
+                          f"{model.config.vocab_size}; they are not from the same run")
+    # bf16 halves the memory traffic that decoding is bound by on a GPU; CPUs stay in float32
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, ckpt["config"]
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples):
+    if max_new_tokens < 1:
+        raise SampleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:  # also catches NaN
+        raise SampleError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SampleError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SampleError(f"top_p must be in (0, 1], got {top_p}")
+    if num_samples < 1:
+        raise SampleError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def top_p_filter(probs, top_p):
+    """Nucleus filtering: keep the smallest set of most likely tokens whose total probability is >= top_p
+    and renormalize. A token is kept iff the tokens ranked above it sum to less than top_p, so the top
+    token is always kept (the set is never empty); among equal probabilities the sort order decides."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_above >= top_p, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of `logits` (B, V): the argmax when temperature is 0 (top_k and top_p then
+    change nothing), else sampled from softmax(logits / temperature) after top-k, then top-p filtering."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt(model, prompt_ids, eot_id=None):
+    """The prompt as a list of ids ([eot_id] when empty), or SampleError if the model cannot continue it."""
+    prompt_ids = list(prompt_ids) or ([eot_id] if eot_id is not None else [])
+    if not prompt_ids:
+        raise SampleError("the prompt is empty and no eot_id was given to start from")
+    context, vocab_size = model.config.max_seq_len, model.config.vocab_size
+    if len(prompt_ids) >= context:
+        raise SampleError(f"prompt is {len(prompt_ids)} tokens but the model's context is {context} "
+                          f"(including at least one new token); shorten it")
+    if not all(0 <= t < vocab_size for t in prompt_ids):
+        raise SampleError(f"prompt token ids must be in 0..{vocab_size - 1} (the model's vocabulary)")
+    return prompt_ids
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_samples=1,
+             eot_id=None, generator=None, on_token=None):
+    """Continue `prompt_ids` (a list of ints; empty = start a new document at `eot_id`) `num_samples`
+    times, as one batch. Returns one list of new token ids per sample. A sample stops after
+    `max_new_tokens`, when it emits `eot_id` (not included in its list), or when prompt + new tokens
+    fill the model's context (max_seq_len). `on_token(ids)` is called after every step with the new
+    token of each sample, None for samples that have stopped, so the caller can stream the text."""
+    check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples)
+    prompt_ids = check_prompt(model, prompt_ids, eot_id)
+    context = model.config.max_seq_len
+    # the last new token is only returned, never fed back, so it needs no place in the cache
+    seq_len = min(context, len(prompt_ids) + max_new_tokens - 1)
+    device = model.output.weight.device
+    model.setup_kv_cache(num_samples, max_seq_len=seq_len, device=device, dtype=model.output.weight.dtype)
+    try:
+        tokens = torch.tensor(prompt_ids, device=device).expand(num_samples, -1)
+        logits = model(tokens, start_pos=0)[0][:, -1]  # prefill: the whole prompt in one pass
+        pos, out, done = len(prompt_ids), [[] for _ in range(num_samples)], [False] * num_samples
+        while True:
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            # a finished sample keeps decoding with the batch, but its tokens are dropped
+            new = [None if d or t == eot_id else t for t, d in zip(next_ids.tolist(), done)]
+            done = [t is None for t in new]
+            for row, t in zip(out, new):
+                if t is not None:
+                    row.append(t)
+            if on_token is not None:
+                on_token(new)
+            pos += 1
+            if all(done) or pos == len(prompt_ids) + max_new_tokens or pos == context:
+                return out
+            logits = model(next_ids[:, None], start_pos=pos - 1)[0][:, -1]  # one new position
+    finally:
+        model.clear_kv_cache()
+
+
+class StreamDecoder:
+    """Token ids in, text out, never splitting a character: a token may end in the middle of a
+    multi-byte UTF-8 character (common for Chinese with a small vocabulary), so the trailing bytes of an
+    incomplete character are held back until the next token completes it. The pieces concatenated
+    equal tokenizer.decode(all ids)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids):
+        return self.utf8.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self):  # an incomplete character left at the very end becomes U+FFFD, as in decode()
+        return self.utf8.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# Export to Hugging Face Llama (model.py uses HF's RoPE layout and names from Meta's Llama,
+# so the export is a rename: no weight is permuted or changed)
+
+HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+            "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(name):
+    module, param = name.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, i, sub = module.split(".", 2)
+        if sub in HF_LAYER:
+            return f"model.layers.{i}.{HF_LAYER[sub]}.{param}"
+    elif module in HF_TOP:
+        return f"{HF_TOP[module]}.{param}"
+    raise SampleError(f"no Hugging Face Llama name for weight {name}")
+
+
+def export_hf(model, tokenizer, hf_dir):
+    """Write `model` as a Hugging Face LlamaForCausalLM folder, plus the tokenizer in tiktoken's format."""
+    c = model.config
+    if c.norm != "rmsnorm":
+        raise SampleError(f"this model uses norm={c.norm!r}; Hugging Face Llama only has RMSNorm, so it cannot be exported")
+    # with tied embeddings HF re-ties lm_head to embed_tokens itself (and safetensors refuses shared tensors)
+    state = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+             if not (c.tie_embeddings and k == "output.weight")}
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
+                  hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                  num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
+                  max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                  tie_word_embeddings=c.tie_embeddings,
+                  hidden_act="silu", attention_bias=False, mlp_bias=False, torch_dtype="float32",
+                  bos_token_id=tokenizer.special_tokens.get(EOT), eos_token_id=tokenizer.special_tokens.get(EOT))
+    os.makedirs(hf_dir, exist_ok=True)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    try:
+        from safetensors.torch import save_file
+        save_file(state, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    except ImportError:  # transformers also reads the older pickle format
+        torch.save(state, os.path.join(hf_dir, "pytorch_model.bin"))
+    # tiktoken's ranks file, as tiktoken.load.load_tiktoken_bpe reads it: "base64(token bytes) rank" per line
+    with open(os.path.join(hf_dir, "tokenizer.tiktoken"), "w") as f:
+        for token, rank in sorted(tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    with open(os.path.join(hf_dir, "tiktoken_config.json"), "w") as f:
+        json.dump({"pattern": tokenizer.pattern, "special_tokens": tokenizer.special_tokens}, f, indent=2, ensure_ascii=False)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Generate text from a checkpoint folder written by train.py.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt.pt and tokenizer.json)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue (default: stdin when piped, else a new document)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--num-samples", type=int, default=1, help="generated together as one batch")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder to DIR instead of sampling")
+    return p.parse_args(argv)
+
+
+def read_prompt(args):
+    """--prompt, else --prompt-file, else stdin when something is piped in, else "" (a new document)."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is None and (sys.stdin is None or sys.stdin.isatty()):
+        return ""
+    try:
+        if args.prompt_file is None:
+            return sys.stdin.read()
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"cannot read the prompt from {args.prompt_file or 'stdin'}: {_first_line(e)}") from None
+
+
+def run(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda was given but CUDA is not available")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if args.export_hf:
+        model, tokenizer, _ = load_checkpoint(args.ckpt, "cpu")
+        export_hf(model, tokenizer, args.export_hf)
+        print(f"wrote a Hugging Face Llama model to {args.export_hf}", file=sys.stderr)
+        return 0
+    check_sampling_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    prompt = read_prompt(args)  # before the slow load, so that a bad prompt file fails fast
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+    eot_id = tokenizer.special_tokens.get(EOT)
+    # "<|endoftext|>" in a prompt marks a document boundary; checked now so errors come before any output
+    prompt_ids = check_prompt(model, tokenizer.encode(prompt, allowed_special="all"), eot_id)
+    generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
+
+    decoder, stream = StreamDecoder(tokenizer), args.num_samples == 1
+
+    def show(new_ids):
+        if stream and new_ids[0] is not None:
+            sys.stdout.write(decoder.push([new_ids[0]]))
+            sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(prompt)
+    t0 = time.perf_counter()
+    samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       args.num_samples, eot_id, generator, on_token=show)
+    seconds = time.perf_counter() - t0
+    if stream:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for ids in samples:
+            sys.stdout.write(prompt + tokenizer.decode(ids) + "\n" + "-" * 40 + "\n")
+    n = sum(map(len, samples))
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except SampleError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

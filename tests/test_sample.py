@@ -1,0 +1,280 @@
+"""Tests for sample.py: KV-cache generation, sampling filters, streaming decode, CLI errors, HF export."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sample
+from model import ModelConfig, Transformer
+from sample import SampleError, StreamDecoder, generate, load_checkpoint, main, sample_next, top_p_filter
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHINESE = "床前明月光，疑是地上霜。举头望明月，低头思故乡。春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"
+
+
+def make_checkpoint(out_dir, train_steps=30, **model_kwargs):
+    """Write a tiny checkpoint folder like train.py's: a tokenizer trained on Shakespeare plus some
+    Chinese, and a small model trained for a few steps so that its predictions are not uniform."""
+    with open(os.path.join(ROOT, "data", "tinyshakespeare.txt")) as f:
+        text = f.read()[:20000] + CHINESE * 3
+    tokenizer = Tokenizer.train(text, 320)
+    cfg = ModelConfig(**{**dict(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                max_seq_len=64, multiple_of=32), **model_kwargs})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    if train_steps:
+        data = torch.tensor(tokenizer.encode_ordinary(text))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(train_steps):
+            i = torch.randint(len(data) - 33, (8,))
+            batch = torch.stack([data[j:j + 33] for j in i])
+            _, loss = model(batch[:, :-1], targets=batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"version": 1, "model": model.state_dict(), "config": {"model": dataclasses.asdict(cfg)}, "step": 0},
+               os.path.join(out_dir, "ckpt.pt"))
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt_dir):
+    model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
+    return model, tokenizer
+
+
+def greedy_by_recompute(model, prompt_ids, n):
+    """Reference: no cache, the whole growing sequence through a plain forward pass each step."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def test_greedy_with_kv_cache_equals_full_recompute(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("ROMEO:\nWhat")
+    expected = greedy_by_recompute(model, prompt, 40)
+    out = generate(model, prompt, 40, temperature=0, num_samples=3)
+    assert out == [expected] * 3
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("To be")
+    run = lambda seed: generate(model, prompt, 30, temperature=1.0, top_k=50, top_p=0.95, num_samples=2,
+                                generator=torch.Generator().manual_seed(seed))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_1_equals_greedy(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("KING")
+    assert generate(model, prompt, 20, temperature=1.5, top_k=1) == generate(model, prompt, 20, temperature=0)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert torch.allclose(top_p_filter(probs, 0.8), torch.tensor([[0, 0.625, 0, 0.375]]))  # 0.5 + 0.3 reaches 0.8
+    assert (top_p_filter(probs, 0.81) > 0).tolist() == [[True, True, False, True]]
+    assert torch.allclose(top_p_filter(probs, 0.1), torch.tensor([[0.0, 1, 0, 0]]))  # always the top token
+    assert torch.allclose(top_p_filter(probs, 1.0), probs)
+    draws = sample_next(probs.log().expand(200, 4), top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_stops_at_eot_per_sample(loaded):
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("First Citizen:")
+    free = generate(model, prompt, 40, temperature=0)[0]
+    eot = free[5]  # pretend a token greedy decoding emits is the end of text
+    assert generate(model, prompt, 40, temperature=0, eot_id=eot) == [free[:free.index(eot)]]
+    # sampled rows stop independently (the random draws do not depend on which rows have stopped)
+    kw = dict(temperature=1.0, num_samples=4)
+    free = generate(model, prompt, 40, generator=torch.Generator().manual_seed(3), **kw)
+    eot = free[0][2]
+    steps = []
+    out = generate(model, prompt, 40, eot_id=eot, generator=torch.Generator().manual_seed(3), on_token=steps.append, **kw)
+    assert out == [row[:row.index(eot)] if eot in row else row for row in free]
+    # the batch runs until its last row stops; a stopped row reports None
+    assert len(steps) == max(row.index(eot) + 1 if eot in row else len(row) for row in free) > len(out[0]) + 1
+    assert all(step[0] is None for step in steps[len(out[0]):])
+
+
+def test_empty_prompt_starts_from_eot(loaded):
+    model, tokenizer = loaded
+    assert generate(model, [], 10, temperature=0, eot_id=tokenizer.eot_id) == \
+        generate(model, [tokenizer.eot_id], 10, temperature=0, eot_id=tokenizer.eot_id)
+
+
+def test_stops_at_context_limit_and_rejects_long_prompt(loaded):
+    model, tokenizer = loaded
+    ctx = model.config.max_seq_len
+    prompt = tokenizer.encode_ordinary("All the world's a stage, and all the men and women merely players. " * 20)
+    assert len(generate(model, prompt[:ctx - 5], 100, temperature=0)[0]) == 5
+    with pytest.raises(SampleError, match=f"prompt is {ctx + 3} tokens but the model's context is {ctx}.*shorten it"):
+        generate(model, prompt[:ctx + 3], 10)
+    with pytest.raises(SampleError, match="vocabulary"):
+        generate(model, [model.config.vocab_size], 10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_k=0),
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(num_samples=0)])
+def test_bad_sampling_parameters(loaded, kwargs):
+    model, _ = loaded
+    with pytest.raises(SampleError, match=next(iter(kwargs))):
+        generate(model, [1, 2, 3], **{"max_new_tokens": 5, **kwargs})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_generation(ckpt_dir):
+    model, tokenizer, _ = load_checkpoint(ckpt_dir, "cuda")
+    assert model.output.weight.dtype == torch.bfloat16
+    out = generate(model, tokenizer.encode("ROMEO:"), 20, temperature=0.8, top_k=20,
+                   generator=torch.Generator("cuda").manual_seed(0))
+    assert len(out[0]) > 0
+
+
+# -----------------------------------------------------------------------------
+# streaming
+
+def test_stream_decoder_never_splits_a_character(loaded):
+    _, tokenizer = loaded
+    text = "ROMEO: " + CHINESE + " 你好，世界！"
+    ids = tokenizer.encode(text)
+    # the test only means something if some token ends inside a multi-byte character
+    assert any(not _is_utf8(tokenizer.decode_bytes([i])) for i in ids)
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push([i]) for i in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
+
+
+class BytesTokenizer:  # token ids are the bytes themselves
+    decode_bytes = staticmethod(b"".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=6)), st.text(max_size=20))
+def test_stream_decoder_matches_decode_on_any_bytes(chunks, text):
+    chunks = chunks + [text.encode()[i:i + 1] for i in range(len(text.encode()))]
+    decoder = StreamDecoder(BytesTokenizer)
+    streamed = "".join(decoder.push([c]) for c in chunks) + decoder.flush()
+    assert streamed == b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _is_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def test_cli_streams_greedy_output(ckpt_dir, loaded, capsys):
+    model, tokenizer = loaded
+    assert main(["--ckpt", ckpt_dir, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    expected = generate(model, tokenizer.encode("ROMEO:"), 20, temperature=0, eot_id=tokenizer.eot_id)[0]
+    assert capsys.readouterr().out == "ROMEO:" + tokenizer.decode(expected) + "\n"
+    assert main(["--ckpt", ckpt_dir, "--prompt", "你", "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("-" * 40) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read the prompt from"),
+    (["--prompt", "to be or not " * 50], "shorten it"),
+])
+def test_cli_bad_parameters(ckpt_dir, capsys, argv, message):
+    assert main(["--ckpt", ckpt_dir] + argv) == 2
+    out, err = capsys.readouterr()
+    assert message in err and err.count("\n") == 1 and out == ""
+
+
+def test_cli_bad_checkpoints(ckpt_dir, tmp_path, capsys):
+    def error(folder):
+        assert main(["--ckpt", str(folder), "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err
+    assert "checkpoint folder" in error(tmp_path / "nope") and "not found" in error(tmp_path / "nope")
+    assert "no checkpoint at" in error(tmp_path)
+    (tmp_path / "ckpt_dcp").mkdir()
+    assert "train.py --consolidate" in error(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"this is not a checkpoint")
+    assert "no tokenizer at" in error(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(ckpt_dir, "tokenizer.json"), "rb").read())
+    assert "is corrupt or not a checkpoint" in error(tmp_path)
+    torch.save({"version": 1, "model": {}, "config": {"model": {"dim": 64}}}, tmp_path / "ckpt.pt")
+    assert "does not match model.py" in error(tmp_path)
+    torch.save(torch.load(os.path.join(ckpt_dir, "ckpt.pt"), weights_only=True), tmp_path / "ckpt.pt")
+    (tmp_path / "tokenizer.json").write_text("{garbage")
+    assert "tokenizer.json" in error(tmp_path)
+
+
+def test_cli_subprocess(ckpt_dir):
+    """The real entry point: stdin prompt, and a clean one-line error rather than a traceback."""
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt_dir, "--max-new-tokens", "8"]
+    ok = subprocess.run(cmd + ["--seed", "0"], input="ROMEO:", capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and ok.stdout.startswith("ROMEO:") and "tokens/s" in ok.stderr
+    bad = subprocess.run(cmd[:3] + ["/nonexistent"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# export
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_hf_gives_the_same_logits(ckpt_dir, tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    folder = ckpt_dir if not tied else make_checkpoint(str(tmp_path / "tied"), train_steps=0, tie_embeddings=True)
+    assert main(["--ckpt", folder, "--export-hf", str(tmp_path / "hf")]) == 0
+    model, tokenizer, _ = load_checkpoint(folder, "cpu")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    tokens = torch.tensor([tokenizer.encode("ROMEO:\nWhat light through yonder window breaks? " + CHINESE)[:60]])
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_export_tiktoken_encodes_the_same(ckpt_dir, tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+    model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
+    sample.export_hf(model, tokenizer, str(tmp_path))
+    enc = tiktoken.Encoding("ours", pat_str=tokenizer.pattern, special_tokens=tokenizer.special_tokens,
+                            mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "tokenizer.tiktoken")))
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" + CHINESE + " 1234 don't <|endoftext|>"
+    assert enc.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+
+
+def test_export_refuses_layernorm(tmp_path, capsys):
+    folder = make_checkpoint(str(tmp_path / "ln"), train_steps=0, norm="layernorm")
+    assert main(["--ckpt", folder, "--export-hf", str(tmp_path / "hf")]) == 2
+    assert "RMSNorm" in capsys.readouterr().err
