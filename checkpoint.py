@@ -9,6 +9,7 @@ Every file is loaded with `torch.load(..., weights_only=True)`: nothing is unpic
 """
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,7 +139,9 @@ def consolidate(out_dir) -> Path:
     model_state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
                    for key, meta in reader.read_metadata().state_dict_metadata.items()
                    if key.startswith("model.")}
-    dcp.load({"model": model_state}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model_state}, storage_reader=reader, no_dist=True)
     path = out_dir / CKPT_FILE
     atomic_save({"version": FORMAT_VERSION, "model": model_state, "step": train_state["step"],
                  "config": train_state["config"]}, path)
