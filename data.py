@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenizer import Tokenizer
+from tokenizer import SAFE_CUT, Tokenizer
 
 META_FORMAT = "llm-tokens"
 META_VERSION = 1
@@ -39,14 +38,16 @@ CHUNK_BYTES = 1 << 20  # text is encoded in pieces of about this size, cut at li
 SHARD_TOKENS = 100_000_000
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """Missing, stale or unusable data; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- reading the corpus
 
-def input_files(paths: list[str]) -> list[Path]:
+def input_files(paths) -> list[Path]:
     """Expand files and folders (recursively, sorted) into the list of files to read."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -56,7 +57,7 @@ def input_files(paths: list[str]) -> list[Path]:
         else:
             raise DataError(f"input {path} does not exist; pass text files, folders or .jsonl files")
     if not files:
-        raise DataError(f"no input files found in {', '.join(paths)}")
+        raise DataError(f"no input files found in {', '.join(map(str, paths))}")
     return files
 
 
@@ -93,15 +94,17 @@ def iter_documents(files: list[Path]):
             yield carry, True, consumed
 
 
-_LINE_START = re.compile(r"\n(?=\S)")
-
-
 def _last_line_start(text: str) -> int:
-    """Index just after the last newline that is followed by a non-space character (0 if none)."""
+    """Index of the last start of a line that begins with a non-space character (0 if none)."""
     position = 0
-    for match in _LINE_START.finditer(text, max(0, len(text) - 65536)):
-        position = match.end()
+    for match in SAFE_CUT.finditer(text, max(0, len(text) - 65536)):
+        position = match.start()
     return position
+
+
+def iter_texts(paths):
+    """The text of files, folders and .jsonl files, streamed in pieces (e.g. to train a tokenizer)."""
+    return (text for text, _, _ in iter_documents(input_files(paths)))
 
 
 def iter_splits(paths: list[str], val_fraction: float):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, TokenData, bits_per_byte, prepare, token_byte_lengths
+from data import DataError, TokenData, bits_per_byte, iter_texts, prepare, token_byte_lengths
 from tokenizer import EOT, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +146,18 @@ def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer
     text_bytes = sum(len(tok.decode_bytes([t])) for t in targets if t != tok.eot_id)
     assert result["val_loss"] == pytest.approx(math.log(400), rel=1e-6)
     assert result["val_bpb"] == pytest.approx(len(targets) * math.log(400) / (math.log(2) * text_bytes), rel=1e-6)
+
+
+def test_iter_texts(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "2.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "third", "id": 1}) + "\n\n"
+                                      + json.dumps({"text": "fourth 中"}) + "\n")
+    assert list(iter_texts(tmp_path)) == ["first", "second", "third", "fourth 中"]
+    assert list(iter_texts([tmp_path / "a.txt", str(tmp_path / "c.jsonl")])) == ["first", "third", "fourth 中"]
+    with pytest.raises(DataError, match="does not exist"):
+        list(iter_texts(tmp_path / "nope"))
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(DataError, match='bad.jsonl:1 is not a JSON object with a "text" field'):
+        list(iter_texts(tmp_path / "bad.jsonl"))

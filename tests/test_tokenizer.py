@@ -1,0 +1,284 @@
+import json
+import pickle
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenizer import (EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main)
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+SHARED_ZH = ROOT.parent / "shared" / "data" / "chinese_poetry.txt"
+ZH = "我们今天学习了自然语言处理，分词器把文字变成数字。你好，世界！春眠不觉晓，处处闻啼鸟。\n"
+MIXED = "Hello, world! 你好😀 don't   stop\r\n\r\n  12345 x\t\ty 'LL 've"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([CORPUS[:300_000], ZH * 20, MIXED], vocab_size=1200)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+weird = st.lists(st.sampled_from(list("ab Z'sl\r\n\t 09中文字😀é\u00a0\u3000,.!?") + ["'ll", "\r\n", "   "])).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), weird))
+def test_round_trip(tok, s):
+    ids = tok.encode_ordinary(s)
+    assert tok.decode(ids) == s
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary())
+def test_decode_bytes_round_trip(tok, b):
+    text = b.decode("utf-8", errors="replace")
+    assert tok.decode_bytes(tok.encode_ordinary(text)) == text.encode("utf-8")
+    assert tok.decode_bytes(list(b)) == b  # ids 0..255 are the raw bytes
+
+
+def test_decode_split_utf8_char_gives_replacement(tok):
+    ids = tok.encode_ordinary("中")
+    raw = tok.decode_bytes(ids)
+    assert tok.decode(list(raw[:2])) == "\ufffd"
+    assert tok.decode(list(raw[:2]) + tok.encode_ordinary("ok")) == "\ufffdok"
+
+
+def test_decode_rejects_bad_ids(tok):
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_ascii_fast_split_matches_regex(s):
+    assert _splitter(GPT4_SPLIT_PATTERN)(s) == regex.findall(GPT4_SPLIT_PATTERN, s)
+
+
+lines = st.lists(st.one_of(weird, st.text(alphabet=st.characters(max_codepoint=127)), st.just("\n"))).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(lines, st.text()))
+def test_mixed_fast_split_matches_regex(s):
+    assert _splitter(GPT4_SPLIT_PATTERN)(s) == regex.findall(GPT4_SPLIT_PATTERN, s)
+
+
+def test_compresses(tok):
+    text = CORPUS[300_000:400_000]
+    assert len(text.encode()) / len(tok.encode_ordinary(text)) > 2.5
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_hand_worked_merges():
+    # "aaabdaaabac" is one piece. Pair counts: aa 4, ab 2, the rest 1 -> merge (a, a) = 256;
+    # left to right "aaab" becomes [aa, a, b]. Now (256, a) and (a, b) both occur twice: the tie
+    # goes to the smaller id pair (97, 98) = 257. Then (256, 257) "aaab" occurs twice = 258.
+    # Left: [258, d, 258, a, c], four pairs once each; smallest ids first: (a, c) = 259, then
+    # (d, 258) = 260 beats (258, d) and (258, 259).
+    tok = Tokenizer.train("aaabdaaabac", vocab_size=256 + 5 + 1)
+    assert tok.merges == [(97, 97), (97, 98), (256, 257), (97, 99), (100, 258)]
+    assert tok.encode("aaabdaaabac") == [258, 260, 259]
+    assert tok.special_tokens == {EOT: 261}
+
+
+def test_merges_never_cross_pieces():
+    # Pieces: "ab", " ab", " ab". ab occurs 3 times -> 256; then (" ", 256) twice -> 257.
+    # "b" and " " are never adjacent inside a piece, so that pair is never counted.
+    tok = Tokenizer.train("ab ab ab", vocab_size=256 + 2, special_tokens=())
+    assert tok.merges == [(97, 98), (32, 256)]
+    with pytest.raises(TokenizerError, match="too small: it only allows 2 merges"):
+        Tokenizer.train("ab ab ab", vocab_size=256 + 3, special_tokens=())
+
+
+def naive_merges(text, n_merges):
+    """minbpe's algorithm, recounting every pair of every piece for each merge, with the same
+    tie-break (highest count, then the smallest id pair) and the same rule for a pair whose bytes
+    are already a token (skipped, as tiktoken maps bytes to one id)."""
+    words = {tuple(piece.encode()): count for piece, count in Counter(regex.findall(GPT4_SPLIT_PATTERN, text)).items()}
+    vocab, merges = [bytes([i]) for i in range(256)], []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        a, b = min((p for p in pairs if vocab[p[0]] + vocab[p[1]] not in vocab), key=lambda p: (-pairs[p], p))
+        new, merges = len(vocab), merges + [(a, b)]
+        vocab.append(vocab[a] + vocab[b])
+        merged = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == (a, b):
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    return merges
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
+def test_incremental_training_equals_naive_recount_on_random_text(text, n_merges):
+    try:
+        expected = naive_merges(text, n_merges)
+    except ValueError:  # min() of no pairs: the text allows fewer merges
+        return
+    assert Tokenizer.train(text, 256 + n_merges, special_tokens=()).merges == expected
+
+
+def test_incremental_training_equals_naive_recount_on_real_text():
+    text = CORPUS[:15_000] + "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
+    assert Tokenizer.train(text, 256 + 150, special_tokens=()).merges == naive_merges(text, 150)
+
+
+def test_training_is_deterministic():
+    a = Tokenizer.train(CORPUS[:50_000], 600)
+    b = Tokenizer.train(iter([CORPUS[:25_000], CORPUS[25_000:50_000]]), 600)
+    c = Tokenizer.train(CORPUS[:50_000], 600)
+    assert a.merges == c.merges
+    assert len(b.merges) == len(a.merges)
+
+
+def test_special_tokens_are_cut_out_of_training_text():
+    tok = Tokenizer.train(("xy" + EOT) * 50, vocab_size=256 + 1 + 1)
+    assert tok.merges == [(120, 121)]  # no pair from "<|endoftext|>" was counted
+
+
+def test_max_bytes_limits_the_sample():
+    full = Tokenizer.train(["ab" * 100, "cd" * 1000], 257, special_tokens=())
+    sample = Tokenizer.train(["ab" * 100, "cd" * 1000], 257, special_tokens=(), max_bytes=210)
+    assert full.merges == [(99, 100)] and sample.merges == [(97, 98)]
+
+
+def test_training_errors():
+    with pytest.raises(ValueError, match="vocab_size 200 is too small: needs at least 257"):
+        Tokenizer.train(CORPUS[:1000], 200)
+    with pytest.raises(ValueError, match="training text is empty"):
+        Tokenizer.train("", 300)
+    with pytest.raises(ValueError, match="training text is empty"):
+        Tokenizer.train([], 300)
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+def test_special_tokens(tok):
+    text = f"end{EOT}start"
+    ids = tok.encode(text, allowed_special="all")
+    assert tok.eot_id in ids and ids.count(tok.eot_id) == 1
+    assert tok.encode(text, allowed_special={EOT}) == ids
+    assert tok.decode(ids) == text
+    with pytest.raises(ValueError, match="allowed_special.*encode_ordinary"):
+        tok.encode(text)
+    plain = tok.encode_ordinary(text)
+    assert tok.eot_id not in plain and tok.decode(plain) == text
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_ids_are_contiguous(tok):
+    ids = sorted(list(tok.mergeable_ranks.values()) + list(tok.special_tokens.values()))
+    assert ids == list(range(tok.vocab_size))
+    assert tok.vocab_size == 1200 and tok.eot_id == 1199
+    assert sorted(tok.mergeable_ranks.values())[:256] == list(range(256))
+
+
+def test_eot_missing():
+    tok = Tokenizer.train("ab ab", 257, special_tokens=())
+    with pytest.raises(KeyError, match="no <\\|endoftext\\|> token"):
+        tok.eot_id
+
+
+# ----------------------------------------------------------------------------- files
+
+def test_save_load(tok, tmp_path):
+    path = tmp_path / "sub" / "tok.json"
+    tok.save(path)
+    loaded = Tokenizer.load(path)
+    text = CORPUS[-20_000:] + ZH + MIXED + EOT
+    assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    assert loaded.special_tokens == tok.special_tokens and loaded.pattern == tok.pattern
+    assert json.loads(path.read_text())["format"] == "minillama-bpe"
+    assert pickle.loads(pickle.dumps(tok)).encode_ordinary(text) == tok.encode_ordinary(text)
+    assert [p.name for p in path.parent.iterdir()] == ["tok.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\xff garbage", "not valid JSON"),
+    (None, "not valid JSON"),  # truncated
+    (json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}).encode(),
+     "not a minillama-bpe tokenizer file"),
+    (b"[1, 2]", "not a minillama-bpe tokenizer file"),
+    (None, "version 2 is not supported"),
+    (None, "merge 1 is"),
+    (None, "special token ids must follow"),
+])
+def test_load_rejects_bad_files(tok, tmp_path, content, message):
+    good = tmp_path / "good.json"
+    tok.save(good)
+    obj = json.loads(good.read_text())
+    if content is None and message == "not valid JSON":
+        content = good.read_bytes()[: good.stat().st_size // 2]
+    elif message.startswith("version"):
+        content = json.dumps({**obj, "version": 2}).encode()
+    elif message.startswith("merge"):
+        content = json.dumps({**obj, "merges": [[97, 98], [1000, 2]]}).encode()
+    elif message.startswith("special"):
+        content = json.dumps({**obj, "special_tokens": {EOT: 5}}).encode()
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    with pytest.raises(TokenizerError, match=message) as e:
+        Tokenizer.load(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TokenizerError, match="cannot read"):
+        Tokenizer.load(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- batch, interop, input
+
+def test_encode_batch_matches_encode(tok):
+    lines = CORPUS.splitlines(keepends=True)
+    texts = ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)] + [ZH * 10, f"a{EOT}b", ""]
+    assert sum(map(len, texts)) > 1 << 20  # big enough to really use the workers
+    assert tok.encode_batch(texts, num_workers=2, allowed_special="all") == \
+        [tok.encode(t, allowed_special="all") for t in texts]
+    assert tok.encode_batch(texts[:3], num_workers=1) == [tok.encode(t) for t in texts[:3]]
+
+
+def test_tiktoken_interop(tok):
+    tiktoken = pytest.importorskip("tiktoken")
+    enc = tiktoken.Encoding(name="x", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
+                            special_tokens=tok.special_tokens)
+    for text in [CORPUS[:400_000], ZH, MIXED, "aaabdaaabac  \n\n x"]:
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert tok.encode(EOT + "hi", allowed_special="all") == enc.encode(EOT + "hi", allowed_special="all")
+    if SHARED_ZH.exists():
+        zh = SHARED_ZH.read_text(encoding="utf-8")[:20_000]
+        zh_tok = Tokenizer.train(zh, 1500)
+        zh_enc = tiktoken.Encoding(name="zh", pat_str=zh_tok.pattern, mergeable_ranks=zh_tok.mergeable_ranks,
+                                   special_tokens=zh_tok.special_tokens)
+        held_out = SHARED_ZH.read_text(encoding="utf-8")[20_000:30_000] + ZH
+        assert zh_tok.encode_ordinary(held_out) == zh_enc.encode_ordinary(held_out)
+        assert tok.encode_ordinary(held_out) == enc.encode_ordinary(held_out)
+
+
+def test_cli(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(CORPUS[:30_000])
+    main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "400", "--out", str(tmp_path / "t.json")])
+    assert "bytes/token" in capsys.readouterr().out
+    assert Tokenizer.load(tmp_path / "t.json").vocab_size == 400
+    with pytest.raises(SystemExit, match="error: vocab_size 10 is too small"):
+        main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "10", "--out", str(tmp_path / "u.json")])
