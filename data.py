@@ -15,11 +15,10 @@ state a checkpoint needs, and ranks take disjoint slices of the same global batc
     python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
 """
 import argparse
-import contextlib
 import hashlib
+import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -131,23 +130,6 @@ def iter_splits(paths: list[str], val_fraction: float):
 
 # ----------------------------------------------------------------------------- preparing shards
 
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer_path):
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(tokenizer_path)
-
-
-def _encode_piece(piece):
-    """Worker: encode one piece of text; text that looks like a special token stays plain text."""
-    split, text, doc_end = piece
-    ids = _worker_tokenizer.encode_ordinary(text)
-    if doc_end:
-        ids.append(_worker_tokenizer.eot_id)
-    return split, ids, len(text.encode("utf-8"))
-
-
 def file_sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -226,25 +208,19 @@ def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, toke
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         writers = {split: _ShardWriter(tmp, split, dtype) for split in ("train", "val")}
         total_bytes = sum(p.stat().st_size for p in files)
-        workers = num_workers or min(os.cpu_count() or 1, 8)
+        # below 8 MB, starting worker processes costs more than it saves
+        workers = (num_workers or min(os.cpu_count() or 1, 8)) if total_bytes > 8 * CHUNK_BYTES else 1
         progress, done = _Progress("encoding", total_bytes), 0
-        pieces = iter_splits(inputs, val_fraction)
-        with contextlib.ExitStack() as stack:
-            tokenizer_file = str(tmp / TOKENIZER_FILE)
-            if workers > 1 and total_bytes > 8 * CHUNK_BYTES:  # below that, starting workers costs more
-                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                    workers, _init_worker, (tokenizer_file,)))
-                encode_all = pool.map
-            else:
-                _init_worker(tokenizer_file)
-                encode_all = lambda function, batch: list(map(function, batch))  # noqa: E731
-            # Bounded batches keep memory flat however large the corpus: imap would read ahead freely.
-            while batch := [piece for _, piece in zip(range(4 * workers), pieces)]:
-                for (split, ids, text_bytes), (_, _, doc_end) in zip(encode_all(_encode_piece, batch), batch):
-                    writers[split].write(ids, text_bytes, doc_end)
-                    done += text_bytes
-                if verbose:
-                    progress.update(done)
+        pieces, texts = itertools.tee(iter_splits(inputs, val_fraction))
+        encodings = tokenizer.encode_stream((text for _, text, _ in texts), workers, allowed_special=None)
+        for (split, text, doc_end), ids in zip(pieces, encodings):
+            if doc_end:  # text that looks like "<|endoftext|>" inside a document stays plain text
+                ids.append(tokenizer.eot_id)
+            text_bytes = len(text.encode("utf-8"))
+            writers[split].write(ids, text_bytes, doc_end)
+            done += text_bytes
+            if verbose:
+                progress.update(done)
         if verbose:
             progress.update(done, final=True)
         meta = {"format": META_FORMAT, "version": META_VERSION, "dtype": np.dtype(dtype).name,

@@ -16,7 +16,8 @@ import re
 import sys
 import time
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from functools import partial
 from itertools import chain, groupby
 from pathlib import Path
 from typing import Iterable
@@ -285,31 +286,36 @@ class Tokenizer:
 
     def encode_batch(self, texts, num_workers=None, allowed_special="none") -> list:
         """encode() each text, spread over worker processes when the input is big enough to pay
-        for starting them (spawn-safe: only module-level functions and plain data are sent)."""
+        for starting them. allowed_special=None encodes every text with encode_ordinary."""
         texts = list(texts)
+        if sum(map(len, texts)) < 1 << 20:
+            num_workers = 1
+        return list(self.encode_stream(texts, num_workers, allowed_special))
+
+    def encode_stream(self, texts, num_workers=None, allowed_special="none"):
+        """Yield the encoding of each text of an iterable, in order, encoded by worker processes.
+
+        Texts are sent in ~256K-character chunks (big enough to amortise the transfer, small
+        enough to balance the workers) and at most two chunks per worker are in flight, so memory
+        stays bounded for a corpus of any size. Spawn-safe: workers get plain data only.
+        """
+        encode = self.encode_ordinary if allowed_special is None else partial(self.encode, allowed_special=allowed_special)
         num_workers = os.cpu_count() if num_workers is None else num_workers
-        if num_workers <= 1 or sum(map(len, texts)) < 1 << 20:
-            return [self.encode(t, allowed_special) for t in texts]
+        if num_workers <= 1:
+            yield from map(encode, texts)
+            return
         import multiprocessing
-        chunks, chunk, size = [], [], 0
-        for t in texts:  # ~256K-char chunks: big enough to amortise IPC, small enough to balance
-            chunk.append(t)
-            size += len(t)
-            if size >= 1 << 18:
-                chunks.append(chunk)
-                chunk, size = [], 0
-        chunks += [chunk] if chunk else []
         # Workers start with this process's piece cache: a cold cache encodes ~3x slower.
         cache = self._cache if len(self._cache) <= 1 << 18 else {}
         state = (self.pattern, self.merges, list(self.special_tokens), allowed_special, cache)
         with multiprocessing.get_context().Pool(num_workers, _init_worker, state) as pool:
-            out = []
-            for flat, lengths in pool.imap(_encode_chunk, chunks):
-                flat, pos = flat.tolist(), 0
-                for n in lengths:
-                    out.append(flat[pos:pos + n])
-                    pos += n
-        return out
+            pending = deque()
+            for chunk in _chunks(texts, 1 << 18):
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                if len(pending) >= 2 * num_workers:
+                    yield from _unpack(*pending.popleft().get())
+            while pending:
+                yield from _unpack(*pending.popleft().get())
 
     # ------------------------------------------------------------------------- decode
 
@@ -385,8 +391,28 @@ def _init_worker(pattern, merges, special_tokens, allowed_special, cache):
 def _encode_chunk(texts):
     """Encode a list of texts; one flat array pickles far faster than a list of int lists."""
     tok, allowed_special = _worker_tokenizer
-    encoded = [tok.encode(t, allowed_special) for t in texts]
+    encoded = [tok.encode_ordinary(t) if allowed_special is None else tok.encode(t, allowed_special) for t in texts]
     return array("I", chain.from_iterable(encoded)), [len(e) for e in encoded]
+
+
+def _chunks(texts, chunk_chars):
+    """Group an iterable of texts into lists of about chunk_chars characters."""
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _unpack(flat, lengths):
+    flat, position = flat.tolist(), 0
+    for n in lengths:
+        yield flat[position:position + n]
+        position += n
 
 
 # ----------------------------------------------------------------------------- CLI

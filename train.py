@@ -179,6 +179,8 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     if cfg.parallel == "fsdp":
         estimate["gathered blocks (bf16)"] = 2 * 2 * block_params
     estimate["total"] = sum(estimate.values())
+    # build_model initialises the whole fp32 model on every device before sharding it
+    estimate["peak at initialisation"] = 4 * n_params
     return estimate
 
 
@@ -203,7 +205,8 @@ def check_memory_fits(cfg: TrainConfig, rt: Runtime):
     """Stop before a CUDA run whose estimate exceeds the GPU, saying what to change."""
     if rt.device.type != "cuda":
         return
-    need = estimate_memory(cfg, rt.world_size)["total"]
+    estimate = estimate_memory(cfg, rt.world_size)
+    need = max(estimate["total"], estimate["peak at initialisation"])
     have = torch.cuda.get_device_properties(rt.device).total_memory
     if need > have:
         raise ConfigError(
@@ -387,6 +390,7 @@ class Trainer:
             if self.step % cfg.eval_interval == 0:
                 self._log_eval(time.time() - start_time)
             result = self.train_step()
+            self.step += 1  # also after a skipped update: the same batch again would fail the same way
             if result is None:
                 self.bad_steps += 1
                 self.log({"event": "nonfinite", "step": self.step},
@@ -398,7 +402,6 @@ class Trainer:
                     return False
                 continue
             self.bad_steps = 0
-            self.step += 1
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 now = time.time()
                 loss, grad_norm = result
