@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 import checkpoint
 from config import ConfigError, TrainConfig, load_config
-from data import DataError, TokenData, bits_per_byte, prepare, read_meta, token_byte_lengths, TOKENIZER_FILE
+from data import (TOKENIZER_FILE, DataError, TokenData, bits_per_byte, file_sha256, prepare, read_meta,
+                  token_byte_lengths)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -91,7 +92,6 @@ def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
         dist.barrier()
     meta = read_meta(cfg.data_dir)
     if cfg.tokenizer:
-        from data import file_sha256
         if file_sha256(cfg.tokenizer) != meta["tokenizer_sha256"]:
             raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than {cfg.tokenizer};"
                             " prepare it again or set data_dir to a new folder")
@@ -102,8 +102,8 @@ def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
     return tokenizer
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype) -> Transformer:
-    """The model on its device, wrapped for DDP or sharded with FSDP2 as the run asks.
+def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool) -> Transformer:
+    """The model on its device, sharded with FSDP2 when `sharded` (DDP wraps it later, in Trainer).
 
     Every rank initialises the full fp32 model from the same seed before sharding, so the starting
     weights are the same whatever the number of ranks or the parallel mode.
@@ -115,7 +115,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype) -> Transforme
     with torch.no_grad():
         model.init_weights()
     model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.parallel == "fsdp":
+    if sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
@@ -231,7 +231,7 @@ class Trainer:
             split.check_length(cfg.model.max_seq_len)
         self.accum = cfg.grad_accum_steps(rt.world_size)
         check_memory_fits(cfg, rt)
-        self.model = build_model(cfg, rt, self.dtype)
+        self.model = build_model(cfg, rt, self.dtype, self.sharded)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
         self.step, self.bad_steps, self.stop_signal = 0, 0, None
@@ -260,15 +260,13 @@ class Trainer:
             dist.all_gather_object(states, rng)
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "rng": states,
                 "data": {"seed": self.cfg.seed, "next_step": self.step},
-                "tokenizer_sha256": read_meta(self.cfg.data_dir)["tokenizer_sha256"]}
+                "tokenizer_sha256": self.train_data.meta["tokenizer_sha256"]}
 
     def save_checkpoint(self):
         start = time.time()
         checkpoint.save(self.out_dir, self.model, self.optimizer, self._train_state(), self.sharded)
         if self.rt.is_main:
-            tmp = self.out_dir / f"{TOKENIZER_FILE}.tmp"
-            self.tokenizer.save(tmp)
-            os.replace(tmp, self.out_dir / TOKENIZER_FILE)
+            self.tokenizer.save(self.out_dir / TOKENIZER_FILE)  # sample.py needs only this folder
             self.log({"event": "checkpoint", "step": self.step, "seconds": round(time.time() - start, 2)},
                      f"step {self.step}: checkpoint saved to {self.out_dir} ({time.time() - start:.1f}s)")
 
@@ -290,7 +288,7 @@ class Trainer:
             changed = [k for k in saved_model if saved_model[k] != getattr(self.cfg.model, k, None)]
             raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} has another model shape "
                                              f"({', '.join('model.' + k for k in changed)}); resume with its config")
-        if state.get("tokenizer_sha256") != read_meta(self.cfg.data_dir)["tokenizer_sha256"]:
+        if state.get("tokenizer_sha256") != self.train_data.meta["tokenizer_sha256"]:
             raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} was trained on data prepared with"
                                              f" another tokenizer than {self.cfg.data_dir}")
 
@@ -322,9 +320,10 @@ class Trainer:
         self.model.eval()
         seq = self.cfg.model.max_seq_len
         starts = self.val_data.eval_starts(seq, self.cfg.eval_tokens)
-        per_rank = max(1, len(starts) // self.rt.world_size)  # equal counts: FSDP forwards are collective
-        mine = starts[self.rt.rank * per_rank: (self.rt.rank + 1) * per_rank] if len(starts) >= self.rt.world_size \
-            else starts[:1]
+        # Every rank runs as many forwards as the others (FSDP's are collective): the tail is dropped,
+        # and with fewer windows than ranks all ranks evaluate the first (the ratios are unchanged).
+        per_rank = len(starts) // self.rt.world_size
+        mine = starts[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank] if per_rank else starts[:1]
         nats = tokens = text_bytes = 0.0
         for i in range(0, len(mine), self.cfg.micro_batch_size):
             x, y = self.val_data.batch(mine[i: i + self.cfg.micro_batch_size], seq, self.rt.device)

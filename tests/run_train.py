@@ -6,16 +6,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 
-stop_at = int(os.environ.get("STOP_AT_STEP", 0))
-if stop_at:
+
+def stop_at(step: int, set_attribute=setattr):
+    """Make every run behave as if SIGTERM arrived during `step` (pass monkeypatch.setattr to undo it)."""
     original = train.Trainer.train_step
 
     def train_step(self):
         result = original(self)
-        if self.step + 1 == stop_at:
+        if self.step + 1 == step:
             self.stop_signal = signal.SIGTERM
         return result
 
-    train.Trainer.train_step = train_step
+    set_attribute(train.Trainer, "train_step", train_step)
 
-sys.exit(train.main(sys.argv[1:]))
+
+if __name__ == "__main__":
+    if int(os.environ.get("STOP_AT_STEP", 0)):
+        stop_at(int(os.environ["STOP_AT_STEP"]))
+    sys.exit(train.main(sys.argv[1:]))

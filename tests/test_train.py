@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import train
+from run_train import stop_at
 from config import ConfigError, TrainConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,19 +45,6 @@ def load_model_state(out_dir):
     return checkpoint.safe_load(Path(out_dir) / checkpoint.CKPT_FILE)["model"]
 
 
-def stop_at(monkeypatch, step):
-    """Make the run behave as if SIGTERM arrived during `step`."""
-    original = train.Trainer.train_step
-
-    def train_step(self):
-        result = original(self)
-        if self.step + 1 == step:
-            self.stop_signal = signal.SIGTERM
-        return result
-
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
-
-
 def test_tiny_training_learns(data_dir, tmp_path):
     assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=60")) == 0
     log = read_log(tmp_path)
@@ -76,7 +64,7 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     args = ["--max_steps=14", "--ckpt_interval=100", "--model.n_kv_heads=2"]
     assert train.main(tiny_args(data_dir, full, *args)) == 0
     with monkeypatch.context() as patch:
-        stop_at(patch, 6)
+        stop_at(6, patch.setattr)
         assert train.main(tiny_args(data_dir, parts, *args)) == 0
     assert checkpoint.safe_load(parts / "ckpt.pt")["step"] == 6
     assert train.main(tiny_args(data_dir, parts, *args, "--resume")) == 0
