@@ -247,9 +247,10 @@ def read_meta(data_dir: str) -> dict:
                         f"`python data.py --input YOUR_TEXT --out {data_dir} --vocab-size N` or set inputs")
     try:
         meta = json.loads(path.read_text())
-        assert meta["format"] == META_FORMAT and meta["version"] == META_VERSION
-    except (ValueError, KeyError, AssertionError, TypeError):
-        raise DataError(f"{path} is corrupt or from another version; prepare the data again") from None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (META_FORMAT, META_VERSION):
+        raise DataError(f"{path} is corrupt or from another version; prepare the data again")
     return meta
 
 
@@ -271,7 +272,7 @@ class TokenData:
             raise DataError(f"{data_dir}: {split} shards hold {sum(lengths)} tokens, meta.json says "
                             f"{info['tokens']}; prepare the data again")
         self.starts = np.cumsum([0] + lengths)
-        self.num_tokens, self.num_bytes, self.split = int(self.starts[-1]), info["bytes"], split
+        self.num_tokens, self.split = int(self.starts[-1]), split
 
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries if need be."""

@@ -101,6 +101,9 @@ def test_clear_errors(tmp_path, tokenizer_file):
     (tmp_path / "short" / "train_00000.bin").unlink()
     with pytest.raises(DataError, match="missing or empty"):
         TokenData(str(tmp_path / "short"), "train")
+    (tmp_path / "short" / "meta.json").write_text('{"format": "llm-tokens", "vers')
+    with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
+        TokenData(str(tmp_path / "short"), "val")
 
 
 def test_batches_are_a_function_of_seed_and_step(tmp_path, tokenizer_file):
