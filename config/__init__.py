@@ -65,7 +65,7 @@ class TrainConfig:
     # system
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    parallel: str = "ddp"               # ddp | fsdp (only used under torchrun with more than one rank)
+    parallel: str = "ddp"               # ddp | fsdp, under torchrun (fsdp also on a single rank)
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 1337
