@@ -13,6 +13,7 @@ bits per byte; a log line and a JSONL record per interval; atomic checkpoints an
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -370,10 +371,17 @@ class Trainer:
     def _handle_signal(self, signum, frame):
         self.stop_signal = signum
 
-    def run(self):
+    def run(self) -> bool:
+        """Train to max_steps; False when non-finite losses stopped the run."""
+        handlers = {signum: signal.signal(signum, self._handle_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _loop(self) -> bool:
         cfg, rt = self.cfg, self.rt
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle_signal)
         tokens_per_step = cfg.global_batch_tokens
         flops_per_token = self.model.flops_per_token()
         peak = next((f for name, f in PEAK_BF16_FLOPS.items() if rt.device.type == "cuda"
@@ -465,9 +473,17 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
+def train(cfg: TrainConfig, rt: Runtime, resume: bool) -> int:
+    """Run the training; 0 when it finished or stopped by a signal, 1 when non-finite losses stopped it."""
+    trainer = Trainer(cfg, rt, resume)
+    finished = trainer.run()
+    if finished and trainer.step >= cfg.max_steps:
+        trainer.print_sample()
+    return 0 if finished else 1
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    rt = None
     try:
         if args.consolidate:
             print(f"wrote {checkpoint.consolidate(args.consolidate)}")
@@ -476,17 +492,15 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(cfg, args.world_size)
             return 0
-        rt = setup_runtime(cfg)
-        trainer = Trainer(cfg, rt, args.resume)
-        finished = trainer.run()
-        if finished and trainer.step >= cfg.max_steps:
-            trainer.print_sample()
-        return 0 if finished else 1
+        return train(cfg, setup_runtime(cfg), args.resume)
     except (ConfigError, DataError, checkpoint.CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
+            # DDP's reducer must go before its process group: freed after it, at interpreter exit, it
+            # can abort the process ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()
 
 
