@@ -151,19 +151,15 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start_pos: int | None = None):
+    def forward(self, x, cos, sin, start_pos: int | None = None, mask=None):
+        """start_pos given: decode with the KV cache, attending under `mask` (T, start_pos + T)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        mask = None
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-            # Query i sits at position start_pos + i and may see every cached key up to there.
-            # is_causal would align the triangle to the top-left, which is wrong once start_pos > 0.
-            key_pos = torch.arange(k.size(2), device=x.device)
-            mask = key_pos[None, :] <= start_pos + torch.arange(T, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -195,8 +191,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(config)
         self.ffn_norm = make_norm(config)
 
-    def forward(self, x, cos, sin, start_pos: int | None = None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, start_pos: int | None = None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -251,14 +247,20 @@ class Transformer(nn.Module):
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        mask = None
+        if start_pos is not None:
+            # Query i sits at position start_pos + i and may see every cached key up to there.
+            # is_causal would align the triangle to the top-left, which is wrong once start_pos > 0.
+            key_pos = torch.arange(start_pos + T, device=tokens.device)
+            mask = key_pos[None, :] <= start_pos + torch.arange(T, device=tokens.device)[:, None]
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # Trade compute for memory: keep only each block's input, recompute the rest in backward.
-                h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos)
+                h = layer(h, cos, sin, start_pos, mask)
         logits = self.output(self.norm(h))
 
         loss = None
