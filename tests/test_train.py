@@ -45,8 +45,10 @@ def load_model_state(out_dir):
     return checkpoint.safe_load(Path(out_dir) / checkpoint.CKPT_FILE)["model"]
 
 
-def test_tiny_training_learns(data_dir, tmp_path):
-    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=60")) == 0
+def test_tiny_training_learns(data_dir, tmp_path, capsys):
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=60", "--sample_tokens=30")) == 0
+    sample = capsys.readouterr().out.split("--- sample ---\n")[1]
+    assert len(sample.strip()) > 30  # the run ends by printing text from the trained model
     log = read_log(tmp_path)
     evals = [r for r in log if r.get("event") == "eval"]
     steps = [r for r in log if "loss" in r]
