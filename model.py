@@ -215,13 +215,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         c = self.config
-        if c.tie_embeddings:
-            # Tied here rather than in __init__ because to_empty() replaces each module's
-            # parameters separately, which silently unties them.
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self._tie_and_build_rope()
         # GPT-2's scheme: each block adds two projections to the residual stream, so shrinking
         # those by 1/sqrt(2 * n_layers) keeps the stream's variance flat with depth.
         residual_std = 0.02 / math.sqrt(2 * c.n_layers)
@@ -231,6 +225,25 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()  # weight ones, bias zeros
+
+    def _tie_and_build_rope(self):
+        if self.config.tie_embeddings:
+            # Tied here rather than in __init__ because to_empty() and load_state_dict(assign=True)
+            # replace each module's parameters separately, which silently unties them.
+            self.output.weight = self.tok_embeddings.weight
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta,
+                                                   device=self.tok_embeddings.weight.device)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: dict) -> "Transformer":
+        """A model that takes over `state_dict`'s tensors: no random init and no second copy of
+        the weights, which matters when loading a 7B checkpoint to sample from it."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, assign=True)
+        model._tie_and_build_rope()
+        return model
 
     def forward(self, tokens, targets=None, start_pos: int | None = None):
         B, T = tokens.shape

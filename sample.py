@@ -50,8 +50,7 @@ def load_checkpoint(out_dir, device="cpu"):
     if not (isinstance(ckpt.get("config"), dict) and isinstance(ckpt["config"].get("model"), dict) and "model" in ckpt):
         raise SampleError(f"checkpoint {ckpt_path} has no model weights or model config")
     try:
-        model = Transformer(ModelConfig(**ckpt["config"]["model"]))
-        model.load_state_dict(ckpt["model"])
+        model = Transformer.from_state_dict(ModelConfig(**ckpt["config"]["model"]), ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise SampleError(f"checkpoint {ckpt_path} does not match model.py: {_first_line(e)}") from None
     try:

@@ -403,3 +403,14 @@ def test_default_hidden_dim_rule():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_from_state_dict_reproduces_the_model(tie):
+    config = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, tie_embeddings=tie)
+    source = randomize_(Transformer(config), seed=3).eval()
+    loaded = Transformer.from_state_dict(config, {k: v.clone() for k, v in source.state_dict().items()}).eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
+    tokens = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(loaded(tokens)[0], source(tokens)[0], rtol=0, atol=0)
