@@ -235,7 +235,8 @@ class Trainer:
         self.model = build_model(cfg, rt, self.dtype, self.sharded)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
-        self.step, self.bad_steps, self.stop_signal = 0, 0, None
+        self.step, self.bad_steps = 0, 0
+        self.stop_signal, self.stop_requested = None, False  # set by the handler; agreed by all ranks
         if rt.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -259,8 +260,8 @@ class Trainer:
         if self.rt.distributed:
             states = [None] * self.rt.world_size
             dist.all_gather_object(states, rng)
+        # "step" is also the data loader's whole state: a batch is a pure function of (seed, step).
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "rng": states,
-                "data": {"seed": self.cfg.seed, "next_step": self.step},
                 "tokenizer_sha256": self.train_data.meta["tokenizer_sha256"]}
 
     def save_checkpoint(self):
@@ -302,10 +303,11 @@ class Trainer:
         with open(self.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
-    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        """Sums over all ranks."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
         if self.rt.distributed:
-            dist.all_reduce(tensor, op=op)
+            dist.all_reduce(tensor)
         return tensor.tolist()
 
     # -- training and evaluation
@@ -325,15 +327,17 @@ class Trainer:
         # and with fewer windows than ranks all ranks evaluate the first (the ratios are unchanged).
         per_rank = len(starts) // self.rt.world_size
         mine = starts[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank] if per_rank else starts[:1]
-        nats = tokens = text_bytes = 0.0
+        # Sums stay on the device until the end: one host sync per evaluation, not two per batch.
+        nats = text_bytes = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        tokens = 0
         for i in range(0, len(mine), self.cfg.micro_batch_size):
             x, y = self.val_data.batch(mine[i: i + self.cfg.micro_batch_size], seq, self.rt.device)
             with self.autocast():
                 _, loss = self.forward(x, y)
-            nats += loss.item() * y.numel()
+            nats = nats + loss.double() * y.numel()
+            text_bytes = text_bytes + self.token_bytes[y].sum()
             tokens += y.numel()
-            text_bytes += self.token_bytes[y].sum().item()
-        nats, tokens, text_bytes = self._all_reduce([nats, tokens, text_bytes])
+        nats, tokens, text_bytes = self._all_reduce([nats.item(), tokens, text_bytes.item()])
         self.model.train()
         return {"val_loss": nats / tokens, "val_bpb": bits_per_byte(nats, text_bytes)}
 
@@ -359,8 +363,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss_mean, = self._all_reduce([loss_sum.item() / self.accum])
+        # One collective per step: the mean loss, and whether any rank was signalled to stop.
+        loss_mean, stop_votes = self._all_reduce([loss_sum.item() / self.accum, float(self.stop_signal is not None)])
         loss_mean /= rt.world_size
+        self.stop_requested = stop_votes > 0
         if not (math.isfinite(loss_mean) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -430,8 +436,7 @@ class Trainer:
                     line += f" | mem {record['peak_mem_gb']:.1f} GiB"
                 self.log(record, line + f" | ETA {record['eta_s'] // 60:.0f}m{record['eta_s'] % 60:02.0f}s")
                 last_time, last_step = now, self.step
-            stop = self._all_reduce([float(self.stop_signal is not None)], dist.ReduceOp.MAX)[0]
-            if stop:
+            if self.stop_requested:
                 self.save_checkpoint()
                 self.log({"event": "signal", "step": self.step},
                          f"stopped by signal at step {self.step}; resume with --resume")

@@ -12,10 +12,9 @@ def stop_at(step: int, set_attribute=setattr):
     original = train.Trainer.train_step
 
     def train_step(self):
-        result = original(self)
-        if self.step + 1 == step:
+        if self.step + 1 == step:  # the step about to run is number `step`
             self.stop_signal = signal.SIGTERM
-        return result
+        return original(self)
 
     set_attribute(train.Trainer, "train_step", train_step)
 
