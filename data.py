@@ -33,7 +33,7 @@ from tokenizer import SAFE_CUT, Tokenizer
 META_FORMAT = "llm-tokens"
 META_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
-CHUNK_BYTES = 1 << 20  # text is encoded in pieces of about this size, cut at line starts
+CHUNK_BYTES = 1 << 18  # text is read and encoded in pieces of about this size, cut at line starts
 SHARD_TOKENS = 100_000_000
 
 
@@ -208,8 +208,7 @@ def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, toke
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         writers = {split: _ShardWriter(tmp, split, dtype) for split in ("train", "val")}
         total_bytes = sum(p.stat().st_size for p in files)
-        # below 8 MB, starting worker processes costs more than it saves
-        workers = (num_workers or min(os.cpu_count() or 1, 8)) if total_bytes > 8 * CHUNK_BYTES else 1
+        workers = num_workers or min(os.cpu_count() or 1, 8)
         progress, done = _Progress("encoding", total_bytes), 0
         pieces, texts = itertools.tee(iter_splits(inputs, val_fraction))
         encodings = tokenizer.encode_stream((text for _, text, _ in texts), workers, allowed_special=None)
