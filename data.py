@@ -15,7 +15,6 @@ state a checkpoint needs, and ranks take disjoint slices of the same global batc
     python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
 """
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -31,7 +30,7 @@ import torch
 from tokenizer import SAFE_CUT, Tokenizer
 
 META_FORMAT = "llm-tokens"
-META_VERSION = 1
+META_VERSION = 2
 TOKENIZER_FILE = "tokenizer.json"
 CHUNK_BYTES = 1 << 18  # text is read and encoded in pieces of about this size, cut at line starts
 SHARD_TOKENS = 100_000_000
@@ -130,11 +129,6 @@ def iter_splits(paths: list[str], val_fraction: float):
 
 # ----------------------------------------------------------------------------- preparing shards
 
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class _ShardWriter:
     """Appends tokens of one split to numbered shard files of at most SHARD_TOKENS tokens."""
 
@@ -214,7 +208,7 @@ def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, toke
         encodings = tokenizer.encode_stream((text for _, text, _ in texts), workers, allowed_special=None)
         for (split, text, doc_end), ids in zip(pieces, encodings):
             if doc_end:  # text that looks like "<|endoftext|>" inside a document stays plain text
-                ids.append(tokenizer.eot_id)
+                ids.append(tokenizer.eos_id)
             text_bytes = len(text.encode("utf-8"))
             writers[split].write(ids, text_bytes, doc_end)
             done += text_bytes
@@ -223,7 +217,7 @@ def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, toke
         if verbose:
             progress.update(done, final=True)
         meta = {"format": META_FORMAT, "version": META_VERSION, "dtype": np.dtype(dtype).name,
-                "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
+                "vocab_size": tokenizer.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint(),
                 "inputs": [str(p) for p in inputs], "val_fraction": val_fraction,
                 "splits": {split: writer.close() for split, writer in writers.items()}}
         for split, info in meta["splits"].items():

@@ -205,17 +205,28 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # tied in init_weights
-        # Non-persistent: derived from the config, and init_weights must rebuild them after
-        # to_empty() since a model built on the meta device has no values to move.
-        shape = (config.max_seq_len, config.head_dim // 2)
-        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        self._build_rope()
         self.init_weights()
+
+    def _build_rope(self, device=None):
+        # Non-persistent buffers: derived from the config, so not part of a checkpoint.
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Every .to(), .bfloat16() and to_empty() goes through here. The RoPE tables are rebuilt
+        # in fp32 afterwards: a model cast to bf16 for sampling would otherwise rotate by angles
+        # rounded to 3 significant digits, and to_empty() would leave them uninitialised.
+        super()._apply(fn, recurse)
+        self._build_rope(self.rope_cos.device)
+        return self
 
     @torch.no_grad()
     def init_weights(self):
         c = self.config
-        self._tie_and_build_rope()
+        self._tie()
         # GPT-2's scheme: each block adds two projections to the residual stream, so shrinking
         # those by 1/sqrt(2 * n_layers) keeps the stream's variance flat with depth.
         residual_std = 0.02 / math.sqrt(2 * c.n_layers)
@@ -226,14 +237,11 @@ class Transformer(nn.Module):
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()  # weight ones, bias zeros
 
-    def _tie_and_build_rope(self):
+    def _tie(self):
         if self.config.tie_embeddings:
             # Tied here rather than in __init__ because to_empty() and load_state_dict(assign=True)
             # replace each module's parameters separately, which silently unties them.
             self.output.weight = self.tok_embeddings.weight
-        c = self.config
-        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta,
-                                                   device=self.tok_embeddings.weight.device)
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: dict) -> "Transformer":
@@ -242,7 +250,8 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, assign=True)
-        model._tie_and_build_rope()
+        model._tie()
+        model._build_rope(model.tok_embeddings.weight.device)
         return model
 
     def forward(self, tokens, targets=None, start_pos: int | None = None):

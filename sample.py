@@ -111,11 +111,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_prompt(model, prompt_ids, eot_id=None):
-    """The prompt as a list of ids ([eot_id] when empty), or SampleError if the model cannot continue it."""
-    prompt_ids = list(prompt_ids) or ([eot_id] if eot_id is not None else [])
+def check_prompt(model, prompt_ids, eos_id=None):
+    """The prompt as a list of ids ([eos_id] when empty), or SampleError if the model cannot continue it."""
+    prompt_ids = list(prompt_ids) or ([eos_id] if eos_id is not None else [])
     if not prompt_ids:
-        raise SampleError("the prompt is empty and no eot_id was given to start from")
+        raise SampleError("the prompt is empty and no eos_id was given to start from")
     context, vocab_size = model.config.max_seq_len, model.config.vocab_size
     if len(prompt_ids) >= context:
         raise SampleError(f"prompt is {len(prompt_ids)} tokens but the model's context is {context} "
@@ -127,14 +127,14 @@ def check_prompt(model, prompt_ids, eot_id=None):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_samples=1,
-             eot_id=None, generator=None, on_token=None):
-    """Continue `prompt_ids` (a list of ints; empty = start a new document at `eot_id`) `num_samples`
+             eos_id=None, generator=None, on_token=None):
+    """Continue `prompt_ids` (a list of ints; empty = start a new document at `eos_id`) `num_samples`
     times, as one batch. Returns one list of new token ids per sample. A sample stops after
-    `max_new_tokens`, when it emits `eot_id` (not included in its list), or when prompt + new tokens
+    `max_new_tokens`, when it emits `eos_id` (not included in its list), or when prompt + new tokens
     fill the model's context (max_seq_len). `on_token(ids)` is called after every step with the new
     token of each sample, None for samples that have stopped, so the caller can stream the text."""
     check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples)
-    prompt_ids = check_prompt(model, prompt_ids, eot_id)
+    prompt_ids = check_prompt(model, prompt_ids, eos_id)
     context = model.config.max_seq_len
     # the last new token is only returned, never fed back, so it needs no place in the cache
     seq_len = min(context, len(prompt_ids) + max_new_tokens - 1)
@@ -147,7 +147,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         while True:
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             # a finished sample keeps decoding with the batch, but its tokens are dropped
-            new = [None if d or t == eot_id else t for t, d in zip(next_ids.tolist(), done)]
+            new = [None if d or t == eos_id else t for t, d in zip(next_ids.tolist(), done)]
             done = [t is None for t in new]
             for row, t in zip(out, new):
                 if t is not None:
@@ -278,9 +278,9 @@ def run(args):
     check_sampling_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     prompt = read_prompt(args)  # before the slow load, so that a bad prompt file fails fast
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    eot_id = tokenizer.special_tokens.get(EOT)
+    eos_id = tokenizer.special_tokens.get(EOT)
     # "<|endoftext|>" in a prompt marks a document boundary; checked now so errors come before any output
-    prompt_ids = check_prompt(model, tokenizer.encode(prompt, allowed_special="all"), eot_id)
+    prompt_ids = check_prompt(model, tokenizer.encode(prompt, allowed_special="all"), eos_id)
     generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
 
     decoder, stream = StreamDecoder(tokenizer), args.num_samples == 1
@@ -294,7 +294,7 @@ def run(args):
         sys.stdout.write(prompt)
     t0 = time.perf_counter()
     samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       args.num_samples, eot_id, generator, on_token=show)
+                       args.num_samples, eos_id, generator, on_token=show)
     seconds = time.perf_counter() - t0
     if stream:
         sys.stdout.write(decoder.flush() + "\n")

@@ -9,6 +9,7 @@ and `encode` gives the same ids as tiktoken.
     python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
 """
 import argparse
+import hashlib
 import heapq
 import json
 import os
@@ -218,10 +219,22 @@ class Tokenizer:
         return len(self._vocab)
 
     @property
-    def eot_id(self) -> int:
+    def eos_id(self) -> int:
+        """The id that ends every document (and stops sampling)."""
         if EOT not in self.special_tokens:
             raise KeyError(f"this tokenizer has no {EOT} token; train it with special_tokens=({EOT!r},)")
         return self.special_tokens[EOT]
+
+    @property
+    def bos_id(self) -> int | None:
+        """The id put before every document, or None: tokenizers trained here mark only the end."""
+        return None
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids (pattern, merges, special tokens), not of a file's bytes:
+        the same tokenizer re-indented or re-saved has the same fingerprint."""
+        content = json.dumps([self.pattern, self.merges, self.special_tokens], sort_keys=True)
+        return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------------- encode
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import checkpoint
 from config import ConfigError, TrainConfig, load_config
-from data import (TOKENIZER_FILE, DataError, TokenData, bits_per_byte, file_sha256, prepare, read_meta,
+from data import (TOKENIZER_FILE, DataError, TokenData, bits_per_byte, prepare, read_meta,
                   token_byte_lengths)
 from model import Transformer
 from tokenizer import Tokenizer
@@ -93,7 +93,7 @@ def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
         dist.barrier()
     meta = read_meta(cfg.data_dir)
     if cfg.tokenizer:
-        if file_sha256(cfg.tokenizer) != meta["tokenizer_sha256"]:
+        if Tokenizer.load(cfg.tokenizer).fingerprint() != meta["tokenizer_fingerprint"]:
             raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than {cfg.tokenizer};"
                             " prepare it again or set data_dir to a new folder")
     tokenizer = Tokenizer.load(Path(cfg.data_dir) / TOKENIZER_FILE)
@@ -262,7 +262,7 @@ class Trainer:
             dist.all_gather_object(states, rng)
         # "step" is also the data loader's whole state: a batch is a pure function of (seed, step).
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "rng": states,
-                "tokenizer_sha256": self.train_data.meta["tokenizer_sha256"]}
+                "tokenizer_fingerprint": self.train_data.meta["tokenizer_fingerprint"]}
 
     def save_checkpoint(self):
         start = time.time()
@@ -290,7 +290,7 @@ class Trainer:
             changed = [k for k in saved_model if saved_model[k] != getattr(self.cfg.model, k, None)]
             raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} has another model shape "
                                              f"({', '.join('model.' + k for k in changed)}); resume with its config")
-        if state.get("tokenizer_sha256") != self.train_data.meta["tokenizer_sha256"]:
+        if state.get("tokenizer_fingerprint") != self.train_data.meta["tokenizer_fingerprint"]:
             raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} was trained on data prepared with"
                                              f" another tokenizer than {self.cfg.data_dir}")
 
@@ -463,7 +463,7 @@ class Trainer:
         generator = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed)
         with self.autocast():
             ids = generate(self.model, prompt, self.cfg.sample_tokens, temperature=0.8, top_k=200, top_p=1.0,
-                           num_samples=1, eot_id=self.tokenizer.eot_id, generator=generator)[0]
+                           num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator)[0]
         print("--- sample ---\n" + self.tokenizer.decode(ids) + "\n--------------", flush=True)
 
 

@@ -38,7 +38,7 @@ def test_prepare_round_trips_documents_and_splits_at_the_tail(tmp_path, tokenize
     tok = Tokenizer.load(out / "tokenizer.json")
     ids = np.concatenate([read_split(out, "train"), read_split(out, "val")]).tolist()
     # every document ends with one EOT; the literal "<|endoftext|>" inside a document stays text
-    assert ids.count(tok.eot_id) == 3
+    assert ids.count(tok.eos_id) == 3
     assert tok.decode(ids) == EOT.join(docs) + EOT
     assert meta["splits"]["val"]["documents"] >= 1 and meta["splits"]["train"]["documents"] >= 1
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in docs)
@@ -56,7 +56,7 @@ def test_chunked_reading_gives_the_tokens_of_the_whole_file(tmp_path, tokenizer_
     tok = Tokenizer.load(tokenizer_file)
     train, val = read_split(tmp_path / "out", "train"), read_split(tmp_path / "out", "val")
     assert len(TokenData(str(tmp_path / "out"), "train").shards) > 3
-    assert np.concatenate([train, val]).tolist() == tok.encode_ordinary(text) + [tok.eot_id]
+    assert np.concatenate([train, val]).tolist() == tok.encode_ordinary(text) + [tok.eos_id]
     # the split falls on a line start near 75% of the bytes
     train_text = tok.decode(train.tolist())
     assert train_text.endswith("\n") and abs(len(train_text) / len(text) - 0.75) < 0.01
@@ -126,7 +126,7 @@ def test_bits_per_byte_by_hand():
     tok = Tokenizer.train("ab ab ab abc abc", 259)  # merges: (a, b) -> 256, then one more; EOT is 258
     lengths = token_byte_lengths(tok, 300)
     assert lengths[ord("a")] == 1 and lengths[256] == 2 and lengths[257] == len(tok.decode_bytes([257]))
-    assert lengths[tok.eot_id] == 0 and lengths[299] == 0  # special and unused ids stand for no text
+    assert lengths[tok.eos_id] == 0 and lengths[299] == 0  # special and unused ids stand for no text
 
 
 def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer_file):
@@ -146,7 +146,7 @@ def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer
     stream, tok = TokenData(cfg.data_dir, "val"), Tokenizer.load(tokenizer_file)
     targets = [t for s in stream.eval_starts(32, 320) for t in stream.window(int(s) + 1, 32).tolist()]
     assert len(targets) == 320
-    text_bytes = sum(len(tok.decode_bytes([t])) for t in targets if t != tok.eot_id)
+    text_bytes = sum(len(tok.decode_bytes([t])) for t in targets if t != tok.eos_id)
     assert result["val_loss"] == pytest.approx(math.log(400), rel=1e-6)
     assert result["val_bpb"] == pytest.approx(len(targets) * math.log(400) / (math.log(2) * text_bytes), rel=1e-6)
 

@@ -379,6 +379,10 @@ def test_init_weights_after_to_empty(tie):
     assert model.rope_cos[100, i].item() == pytest.approx(math.cos(angle), abs=1e-7)
     assert model.rope_sin[100, i].item() == pytest.approx(math.sin(angle), abs=1e-7)
     assert "rope_cos" not in model.state_dict()
+    model.to(torch.bfloat16)  # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.rope_cos, fresh_cos, atol=0, rtol=0)
+    torch.testing.assert_close(model.rope_sin, fresh_sin, atol=0, rtol=0)
 
 
 def test_default_hidden_dim_rule():

@@ -107,13 +107,13 @@ def test_stops_at_eot_per_sample(loaded):
     prompt = tokenizer.encode("First Citizen:")
     free = generate(model, prompt, 40, temperature=0)[0]
     eot = free[5]  # pretend a token greedy decoding emits is the end of text
-    assert generate(model, prompt, 40, temperature=0, eot_id=eot) == [free[:free.index(eot)]]
+    assert generate(model, prompt, 40, temperature=0, eos_id=eot) == [free[:free.index(eot)]]
     # sampled rows stop independently (the random draws do not depend on which rows have stopped)
     kw = dict(temperature=1.0, num_samples=4)
     free = generate(model, prompt, 40, generator=torch.Generator().manual_seed(3), **kw)
     eot = free[0][2]
     steps = []
-    out = generate(model, prompt, 40, eot_id=eot, generator=torch.Generator().manual_seed(3), on_token=steps.append, **kw)
+    out = generate(model, prompt, 40, eos_id=eot, generator=torch.Generator().manual_seed(3), on_token=steps.append, **kw)
     assert out == [row[:row.index(eot)] if eot in row else row for row in free]
     # the batch runs until its last row stops; a stopped row reports None
     assert len(steps) == max(row.index(eot) + 1 if eot in row else len(row) for row in free) > len(out[0]) + 1
@@ -122,8 +122,8 @@ def test_stops_at_eot_per_sample(loaded):
 
 def test_empty_prompt_starts_from_eot(loaded):
     model, tokenizer = loaded
-    assert generate(model, [], 10, temperature=0, eot_id=tokenizer.eot_id) == \
-        generate(model, [tokenizer.eot_id], 10, temperature=0, eot_id=tokenizer.eot_id)
+    assert generate(model, [], 10, temperature=0, eos_id=tokenizer.eos_id) == \
+        generate(model, [tokenizer.eos_id], 10, temperature=0, eos_id=tokenizer.eos_id)
 
 
 def test_stops_at_context_limit_and_rejects_long_prompt(loaded):
@@ -196,7 +196,7 @@ def _is_utf8(b):
 def test_cli_streams_greedy_output(ckpt_dir, loaded, capsys):
     model, tokenizer = loaded
     assert main(["--ckpt", ckpt_dir, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"]) == 0
-    expected = generate(model, tokenizer.encode("ROMEO:"), 20, temperature=0, eot_id=tokenizer.eot_id)[0]
+    expected = generate(model, tokenizer.encode("ROMEO:"), 20, temperature=0, eos_id=tokenizer.eos_id)[0]
     assert capsys.readouterr().out == "ROMEO:" + tokenizer.decode(expected) + "\n"
     assert main(["--ckpt", ckpt_dir, "--prompt", "你", "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.count("-" * 40) == 3

@@ -178,13 +178,13 @@ def test_training_errors():
 def test_special_tokens(tok):
     text = f"end{EOT}start"
     ids = tok.encode(text, allowed_special="all")
-    assert tok.eot_id in ids and ids.count(tok.eot_id) == 1
+    assert tok.eos_id in ids and ids.count(tok.eos_id) == 1
     assert tok.encode(text, allowed_special={EOT}) == ids
     assert tok.decode(ids) == text
     with pytest.raises(ValueError, match="allowed_special.*encode_ordinary"):
         tok.encode(text)
     plain = tok.encode_ordinary(text)
-    assert tok.eot_id not in plain and tok.decode(plain) == text
+    assert tok.eos_id not in plain and tok.decode(plain) == text
     with pytest.raises(ValueError, match="unknown special tokens"):
         tok.encode("x", allowed_special={"<|nope|>"})
 
@@ -192,14 +192,14 @@ def test_special_tokens(tok):
 def test_ids_are_contiguous(tok):
     ids = sorted(list(tok.mergeable_ranks.values()) + list(tok.special_tokens.values()))
     assert ids == list(range(tok.vocab_size))
-    assert tok.vocab_size == 1200 and tok.eot_id == 1199
+    assert tok.vocab_size == 1200 and tok.eos_id == 1199
     assert sorted(tok.mergeable_ranks.values())[:256] == list(range(256))
 
 
 def test_eot_missing():
     tok = Tokenizer.train("ab ab", 257, special_tokens=())
     with pytest.raises(KeyError, match="no <\\|endoftext\\|> token"):
-        tok.eot_id
+        tok.eos_id
 
 
 # ----------------------------------------------------------------------------- files

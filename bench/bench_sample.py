@@ -1,6 +1,6 @@
 """Decoding speed of sample.generate (KV cache) against recomputing the whole sequence for every token.
 
-    python bench_sample.py [--new-tokens 64] [--repeats 3]
+    python bench/bench_sample.py [--new-tokens 64] [--repeats 3]
 
 The model is the default small model's shape (config.small_model()) with random weights (speed does not depend on the values),
 except max_seq_len=1024, so that a 512-token prompt plus the new tokens fit in the context.
@@ -10,7 +10,12 @@ Both paths decode greedily; times are the median of --repeats runs and include t
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the project root: its modules and data/
+sys.path.insert(0, str(ROOT))
 
 import torch
 

@@ -1,6 +1,6 @@
 """Benchmark tokenizer.py: training time and peak memory, encode throughput, compression.
 
-    python bench_tokenizer.py [--data-dir ../shared/data] [--runs 3]
+    python bench/bench_tokenizer.py [--data-dir ../shared/data] [--runs 3]
 
 Each training run is a fresh subprocess so that its peak RSS is its own. tiktoken is optional.
 """
@@ -13,11 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the project root: its modules and data/
+sys.path.insert(0, str(ROOT))
+
 import regex
 
 from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer
 
-ROOT = Path(__file__).resolve().parent
 TRAIN_ONE = """
 import json, resource, sys, time
 from tokenizer import Tokenizer

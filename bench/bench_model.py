@@ -4,13 +4,18 @@ One step = forward with loss and backward, no optimizer, float32, batch 32 x seq
 (4096 tokens, the batch of `python train.py`). Reports the median of several steps after warmup, tokens/s, and the FLOP/s
 implied by Transformer.flops_per_token() (PaLM's 6N + 12*L*H*Q*T).
 
-    python bench_model.py [--batch 32] [--seq 128] [--steps 5] [--warmup 2]
+    python bench/bench_model.py [--batch 32] [--seq 128] [--steps 5] [--warmup 2]
 """
 
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the project root: its modules and data/
+sys.path.insert(0, str(ROOT))
 
 import torch
 

@@ -1,7 +1,7 @@
 """Training figures of the default config on this machine.
 
-    python bench_train.py              # throughput: median tokens/s and FLOP/s of several short runs
-    python bench_train.py --full       # also the whole default `python train.py`: val bpb against wall time
+    python bench/bench_train.py              # throughput: median tokens/s and FLOP/s of several short runs
+    python bench/bench_train.py --full       # also the whole default `python train.py`: val bpb against wall time
 
 Each run is a fresh `python train.py` process, as a user would start it; the data is prepared
 once beforehand so that its cost is not in the figures.
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root, where train.py runs
 
 
 def train(out_dir, *overrides) -> tuple[list[dict], float]:
