@@ -75,10 +75,9 @@ class Progress:
 
     def __init__(self, label: str, total_bytes: int, done: int = 0, verbose: bool = True):
         self.label, self.total, self.first, self.verbose = label, total_bytes, done, verbose
-        self.start, self.last, self.done = time.time(), 0.0, done
+        self.start = self.last = time.time()
 
     def update(self, done: int, final=False):
-        self.done = done
         now = time.time()
         if not self.verbose or (not final and now - self.last < 1):
             return
@@ -158,7 +157,11 @@ def _walk(root: Path) -> list[tuple[Path, str]]:
             continue
         visited.add((stat.st_dev, stat.st_ino))
         subfolders = []
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            raise DataError(f"cannot read the folder {folder} ({error.strerror})") from None
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
@@ -208,10 +211,10 @@ def is_binary(source: Source) -> bool:
 
 def _decode(data: bytes) -> tuple[str, int]:
     """UTF-8 text with U+FFFD for each byte that is not UTF-8, and the count of those bytes."""
-    text = data.decode("utf-8", "surrogateescape")
-    if text.isascii():
-        return text, 0
-    return _ESCAPED.subn("\ufffd", text)
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        return _ESCAPED.subn("\ufffd", data.decode("utf-8", "surrogateescape"))
 
 
 def _unit_hash(key: bytes, number: int) -> float:
@@ -382,6 +385,7 @@ def _record_text(line: bytes, field: str, report: _FileReport, where: str) -> st
     """The text of one JSONL line, or None (blank line, bad record)."""
     text, invalid = _decode(line)
     report.decoded_bytes(len(line), invalid)
+    text = text.lstrip("\ufeff")  # a byte order mark before the first record
     if not text.strip():
         return None
     report.records += 1

@@ -446,7 +446,8 @@ def read_meta(data_dir: str) -> dict:
         meta = json.loads(path.read_text())
     except ValueError:
         meta = None
-    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (META_FORMAT, META_VERSION):
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (META_FORMAT, META_VERSION) or \
+            not all(isinstance(shard, dict) for split in meta.get("splits", {}).values() for shard in split["shards"]):
         raise DataError(f"{path} is corrupt or from another version; prepare the data again")
     return meta
 

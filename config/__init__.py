@@ -35,8 +35,11 @@ class TrainConfig:
     inputs: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])
     data_dir: str = "out/data/tinyshakespeare"
     tokenizer: str = ""                 # an existing tokenizer file; "" trains one of model.vocab_size
-    val_fraction: float = 0.1           # the tail of the corpus held out for validation
+    val_fraction: float = 0.1           # share of the documents held out for validation, spread over the corpus
     tokenizer_max_bytes: int = 200_000_000  # tokenizer training reads at most this much text
+    val_max_bytes: int = 100_000_000    # ... but at most this much input held out (bytes on disk)
+    text_field: str = "text"            # the field of .jsonl records / column of .parquet files with the text
+    tokenizer_memory_budget: int | None = None  # bytes tokenizer training may use; None: the tokenizer's default
 
     out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
 
@@ -76,6 +79,10 @@ class TrainConfig:
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"dtype must be 'auto', 'float32' or 'bfloat16', not {self.dtype!r}"),
             (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, not {self.val_fraction}"),
+            (self.val_max_bytes > 0, f"val_max_bytes must be positive, not {self.val_max_bytes}"),
+            (self.text_field != "", "text_field must name the field of the records that holds the text"),
+            (self.tokenizer_memory_budget is None or self.tokenizer_memory_budget > 0,
+             f"tokenizer_memory_budget must be positive (bytes) or None, not {self.tokenizer_memory_budget}"),
             (self.micro_batch_size > 0, "micro_batch_size must be positive"),
             (self.global_batch_tokens > 0, "global_batch_tokens must be positive"),
             (self.max_steps > 0, "max_steps must be positive"),

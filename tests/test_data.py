@@ -88,16 +88,6 @@ def test_a_text_file_is_encoded_as_its_documents_in_several_shards(tmp_path, tok
     assert 0.15 < meta["splits"]["val"]["bytes"] / len(text) < 0.35
 
 
-def test_window_crosses_shards(tmp_path, tokenizer_file, monkeypatch):
-    monkeypatch.setattr(data, "SHARD_TOKENS", 100)
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
-    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
-    stream = TokenData(str(tmp_path / "out"), "train")
-    whole = np.concatenate([np.asarray(s) for s in stream.shards])
-    for start, length in [(0, 10), (95, 10), (90, 250), (stream.num_tokens - 7, 7)]:
-        assert stream.window(start, length).tolist() == whole[start:start + length].tolist()
-
-
 def test_an_interrupted_prepare_is_not_complete_and_resumes(tmp_path, tokenizer_file, monkeypatch):
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
 
@@ -338,6 +328,11 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
     (tmp_path / "ok" / "train_00000.bin").unlink()
     with pytest.raises(DataError, match="missing or empty"):
         TokenData(str(tmp_path / "ok"), "train")
+    meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
+    meta["splits"]["val"]["shards"] = ["val_00000.bin"]  # as the previous version wrote them
+    (tmp_path / "ok" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
+        read_meta(tmp_path / "ok")
     (tmp_path / "ok" / "meta.json").write_text('{"format": "llm-tokens", "vers')
     with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
         TokenData(str(tmp_path / "ok"), "val")
@@ -345,20 +340,6 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
         data.main(["--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "v"), "--tokenizer",
                    str(tokenizer_file), "--vocab-size", "999"])
     assert not (tmp_path / "v").exists()
-
-
-def test_batches_are_a_function_of_seed_and_step(tmp_path, tokenizer_file):
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:30_000])
-    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
-    stream = TokenData(str(tmp_path / "out"), "train")
-    a, b = stream.train_starts(1, 5, 8, 32), stream.train_starts(1, 5, 8, 32)
-    assert a.tolist() == b.tolist()
-    assert a.tolist() != stream.train_starts(1, 6, 8, 32).tolist()
-    assert a.max() + 33 <= stream.num_tokens
-    x, y = stream.batch(a, 32, "cpu")
-    assert x.dtype == torch.long and x.shape == (8, 32)
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    assert x[0].tolist() == stream.window(int(a[0]), 32).tolist()
 
 
 def test_bits_per_byte_by_hand():
@@ -405,3 +386,14 @@ def test_iter_texts(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(DataError, match='bad.jsonl: 1 of 1 records are bad .*no "text" field'):
         list(iter_texts(tmp_path / "bad.jsonl"))
+
+
+def test_the_data_keys_of_the_config():
+    from config import ConfigError, load_config
+
+    cfg = load_config(None, ["--val_max_bytes=1e6", "--text_field=body", "--tokenizer_memory_budget=2e9"])
+    assert (cfg.val_max_bytes, cfg.text_field, cfg.tokenizer_memory_budget) == (10**6, "body", 2 * 10**9)
+    assert load_config().tokenizer_memory_budget is None
+    for bad in ["--val_max_bytes=0", "--text_field=", "--tokenizer_memory_budget=-1"]:
+        with pytest.raises(ConfigError, match=bad[2:].split("=")[0]):
+            load_config(None, [bad])
