@@ -222,6 +222,9 @@ def check_prepared(data_dir, inputs=None, vocab_size=None, tokenizer_path=None, 
     (None: not checked); a DataError naming the first one that differs and what to do otherwise.
     A given tokenizer counts by content (its fingerprint), not by its file's bytes."""
     meta = read_meta(data_dir)
+    if "settings" not in meta:
+        raise DataError(f"{data_dir} was prepared by an older version of data.py, which did not record its settings;"
+                        f" delete it to prepare it again")
     given = _load_tokenizer(tokenizer_path) if tokenizer_path else None
     run = _settings(inputs, given, vocab_size, val_fraction, val_max_bytes, tokenizer_max_bytes, text_field)
     if difference := _mismatch(meta.get("settings", {}), run, meta["tokenizer_fingerprint"]):
@@ -446,8 +449,7 @@ def read_meta(data_dir: str) -> dict:
         meta = json.loads(path.read_text())
     except ValueError:
         meta = None
-    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (META_FORMAT, META_VERSION) or \
-            not all(isinstance(shard, dict) for split in meta.get("splits", {}).values() for shard in split["shards"]):
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (META_FORMAT, META_VERSION):
         raise DataError(f"{path} is corrupt or from another version; prepare the data again")
     return meta
 

@@ -329,10 +329,10 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
     with pytest.raises(DataError, match="missing or empty"):
         TokenData(str(tmp_path / "ok"), "train")
     meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
-    meta["splits"]["val"]["shards"] = ["val_00000.bin"]  # as the previous version wrote them
+    del meta["settings"]  # as the previous version wrote it
     (tmp_path / "ok" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
-        read_meta(tmp_path / "ok")
+    with pytest.raises(DataError, match="prepared by an older version of data.py.*; delete it to prepare it again"):
+        check_prepared(tmp_path / "ok", inputs=[str(tmp_path / "t.txt")])
     (tmp_path / "ok" / "meta.json").write_text('{"format": "llm-tokens", "vers')
     with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
         TokenData(str(tmp_path / "ok"), "val")
