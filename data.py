@@ -249,7 +249,7 @@ def _claim(folder: Path, settings: dict) -> dict:
         if difference := _mismatch(manifest["settings"], settings, manifest["tokenizer_fingerprint"]):
             raise _settings_error(folder, *difference, unfinished=True)
         return manifest
-    others = sorted(set(os.listdir(folder)) - {MANIFEST + ".tmp"})
+    others = sorted(set(os.listdir(folder)) - {MANIFEST + ".tmp", "lost+found"})  # the root of an ext4 volume
     if others:
         raise DataError(f"{folder} already holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which"
                         f" was not prepared here; choose a new or empty folder (nothing was changed)")

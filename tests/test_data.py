@@ -116,8 +116,9 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
     with pytest.raises(DataError, match=r"d already holds corpus.txt, which was not prepared here; choose a new"):
         prepare([str(tmp_path / "d" / "corpus.txt")], str(tmp_path / "d"), tokenizer_path=str(tokenizer_file))
     assert sorted(os.listdir(tmp_path / "d")) == ["corpus.txt"]
-    (tmp_path / "mount").mkdir()  # an empty folder (e.g. a mount point) is prepared in place
+    (tmp_path / "mount" / "lost+found").mkdir(parents=True)  # an empty volume is prepared in place
     prepare([str(tmp_path / "d")], str(tmp_path / "mount"), tokenizer_path=str(tokenizer_file), verbose=False)
+    assert "lost+found" in os.listdir(tmp_path / "mount")
     assert sorted(os.listdir(tmp_path)) == ["d", "mount"]
     meta = prepare([str(tmp_path / "d")], str(tmp_path / "mount"), tokenizer_path=str(tokenizer_file), verbose=False)
     assert meta == read_meta(tmp_path / "mount")  # already prepared with these settings: nothing to do
@@ -248,14 +249,14 @@ def test_parts_merged_give_the_tokens_of_one_prepare(tmp_path, tokenizer_file, m
         merge_parts(tmp_path / "lonely")
 
 
-def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file):
+def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file, monkeypatch):
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
     (tmp_path / "u.txt").write_text(SHAKESPEARE[40_000:80_000])
     out, inputs = tmp_path / "out", [str(tmp_path / "t.txt")]
     prepare(inputs, str(out), 300, val_fraction=0.1, tokenizer_max_bytes=30_000, verbose=False)
     same = dict(inputs=inputs, vocab_size=300, val_fraction=0.1, tokenizer_max_bytes=30_000, text_field="text")
     assert check_prepared(out, **same)["vocab_size"] == 300
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     check_prepared(out, **{**same, "inputs": ["t.txt"]})  # the same file, named relative to here
     check_prepared(out)  # nothing to compare
     for change, message in [({"inputs": [str(tmp_path / "u.txt")]}, r"was prepared from .*t.txt, not .*u.txt \(inputs\)"
