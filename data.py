@@ -337,7 +337,7 @@ class TokenData:
     shards (then every read hits, as fast as with all maps open); random windows over far more shards
     miss at any affordable budget (512 of 20,000 would hit 2.5%), and a miss (open, map, first page
     faults, unmap) adds 50-80 us to a window read: a rank's 128 windows of 4,097 tokens in a 7B step
-    of 8 ranks take ~11 ms instead of ~2 ms with every shard open (bench/bench_loader.py), against
+    of 8 ranks take ~11 ms instead of 2-4 ms with every shard open (bench/bench_loader.py), against
     a step of tens of seconds. At start one directory listing per shard folder checks that every
     shard exists (no per-file calls, which are slow on network filesystems); a shard's size is
     checked when it is opened. Windows are returned as copies, so no evicted map stays alive.
