@@ -62,16 +62,6 @@ def test_chunked_reading_gives_the_tokens_of_the_whole_file(tmp_path, tokenizer_
     assert train_text.endswith("\n") and abs(len(train_text) / len(text) - 0.75) < 0.01
 
 
-def test_window_crosses_shards(tmp_path, tokenizer_file, monkeypatch):
-    monkeypatch.setattr(data, "SHARD_TOKENS", 100)
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
-    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
-    stream = TokenData(str(tmp_path / "out"), "train")
-    whole = np.concatenate([np.asarray(s) for s in stream.shards])
-    for start, length in [(0, 10), (95, 10), (90, 250), (stream.num_tokens - 7, 7)]:
-        assert stream.window(start, length).tolist() == whole[start:start + length].tolist()
-
-
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, tokenizer_file, monkeypatch):
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
 
@@ -104,20 +94,6 @@ def test_clear_errors(tmp_path, tokenizer_file):
     (tmp_path / "short" / "meta.json").write_text('{"format": "llm-tokens", "vers')
     with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
         TokenData(str(tmp_path / "short"), "val")
-
-
-def test_batches_are_a_function_of_seed_and_step(tmp_path, tokenizer_file):
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:30_000])
-    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
-    stream = TokenData(str(tmp_path / "out"), "train")
-    a, b = stream.train_starts(1, 5, 8, 32), stream.train_starts(1, 5, 8, 32)
-    assert a.tolist() == b.tolist()
-    assert a.tolist() != stream.train_starts(1, 6, 8, 32).tolist()
-    assert a.max() + 33 <= stream.num_tokens
-    x, y = stream.batch(a, 32, "cpu")
-    assert x.dtype == torch.long and x.shape == (8, 32)
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    assert x[0].tolist() == stream.window(int(a[0]), 32).tolist()
 
 
 def test_bits_per_byte_by_hand():
