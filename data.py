@@ -146,6 +146,7 @@ class _ShardWriter:
                 self._next_shard()
             take = array[: SHARD_TOKENS - self.in_shard]
             self.file.write(take.tobytes())
+            self.shards[-1]["tokens"] += len(take)
             self.in_shard += len(take)
             self.tokens += len(take)
             array = array[len(take):]
@@ -154,7 +155,7 @@ class _ShardWriter:
         if self.file:
             self.file.close()
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        self.shards.append(name)
+        self.shards.append({"path": name, "tokens": 0})
         self.file, self.in_shard = open(self.folder / name, "wb"), 0
 
     def close(self) -> dict:

@@ -540,7 +540,9 @@ class Trainer:
                 record = {"step": self.step, "loss": round(loss, 4), "lr": learning_rate(cfg, self.step - 1),
                           "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_s),
                           "flops_per_s": flops_per_token * tokens_per_s, "elapsed_s": round(self._elapsed(), 1),
-                          "eta_s": round((now - self.start_time) / (self.step - start_step) * (cfg.max_steps - self.step))}
+                          "eta_s": round((now - self.start_time) / (self.step - start_step) * (cfg.max_steps - self.step)),
+                          "epoch": round(self.train_data.epoch(self.step, plan.global_batch_tokens // cfg.model.max_seq_len,
+                                                               cfg.model.max_seq_len), 3)}
                 line = (f"step {self.step}/{cfg.max_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
                         f"grad {grad_norm:.2f} | {tokens_per_s:,.0f} tok/s | "
                         f"{record['flops_per_s'] / 1e9:.1f} GFLOP/s")
@@ -551,7 +553,7 @@ class Trainer:
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
                     record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(rt.device) / 2**30
                     line += f" | mem {record['peak_mem_gib']:.1f} GiB ({record['peak_reserved_gib']:.1f} reserved)"
-                self.log(record, line + f" | ETA {record['eta_s'] // 60:.0f}m{record['eta_s'] % 60:02.0f}s")
+                self.log(record, line + f" | epoch {record['epoch']:.2f} | ETA {record['eta_s'] // 60:.0f}m{record['eta_s'] % 60:02.0f}s")
                 last_time, last_step = now, self.step
             # Evaluate before saving: every record of a step then precedes its checkpoint, and a resumed
             # run continues the log exactly where the checkpoint left it.
