@@ -58,6 +58,11 @@ def latest(out_dir, sharded: bool) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def delete(path: Path):
+    """Remove a checkpoint: a file, or a sharded checkpoint's folder."""
+    shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+
+
 def _fsync(path: Path):
     """Flush a file, or a folder's entries (so a rename in it survives a power loss), to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -82,10 +87,8 @@ def atomic_save(obj, path: Path):
 def remove_partial(out_dir):
     """Delete what an interrupted save left behind (a SIGKILL skips every cleanup). Only the run that
     owns out_dir may call this, or it would delete another run's save in progress."""
-    for path in Path(out_dir).glob("ckpt-*.tmp"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in Path(out_dir).glob("ckpt-*.pt.tmp"):
-        path.unlink()
+    for path in Path(out_dir).glob("ckpt-*.tmp"):  # ckpt-N.tmp/ folders and ckpt-N.pt.tmp files
+        delete(path)
 
 
 def safe_load(path: Path, mmap: bool = False) -> dict:
@@ -139,7 +142,7 @@ def save(out_dir, step: int, model, optimizer, train_state: dict, sharded: bool,
             _fsync(final.parent)
     if rank == 0:
         for old in list_checkpoints(out_dir, sharded)[:-keep]:
-            shutil.rmtree(old) if sharded else old.unlink()
+            delete(old)
     if dist.is_initialized():
         dist.barrier(group)
     return final

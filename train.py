@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -327,7 +326,7 @@ class Trainer:
         if overwrite:
             for sharded in (False, True):
                 for old in checkpoint.list_checkpoints(self.out_dir, sharded):
-                    shutil.rmtree(old) if sharded else old.unlink()
+                    checkpoint.delete(old)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
         (self.out_dir / ".run").write_text(f"{os.getpid()} {time.time()}")
 
@@ -376,10 +375,11 @@ class Trainer:
                      f"{key} changed from {old!r} to {new!r} at step {self.step}")
 
     def _truncate_log(self):
-        """Drop the records of steps after the checkpoint: they are replayed now, and would appear twice."""
+        """Drop the records of steps after the checkpoint (they are replayed now, and would appear twice),
+        and a last line cut short by a kill."""
         log = self.out_dir / "log.jsonl"
         if log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
+            kept = [line for line in log.read_text().splitlines() if _step_of_record(line) <= self.step]
             tmp = log.with_name("log.jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, log)
@@ -591,6 +591,14 @@ class Trainer:
             ids = generate(self.model, prompt, self.cfg.sample_tokens, temperature=0.8, top_k=200, top_p=1.0,
                            num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator)[0]
         print("--- sample ---\n" + self.tokenizer.decode(ids) + "\n--------------", flush=True)
+
+
+def _step_of_record(line: str) -> float:
+    """The step of a log.jsonl line; infinity for a line that is not a whole JSON record."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 # ----------------------------------------------------------------------------- command line

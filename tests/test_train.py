@@ -75,6 +75,8 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
         stop_at(6, patch.setattr)
         assert train.main(tiny_args(data_dir, parts, *args)) == 0
     assert checkpoint.safe_load(newest(parts))["step"] == 6
+    with open(parts / "log.jsonl", "a") as log:
+        log.write('{"time": 1, "step": 7, "lo')  # a record cut short by a kill
     assert train.main([f"--data_dir={data_dir}", f"--out_dir={parts}", "--device=cpu", "--resume"]) == 0
     expected, resumed = load_model_state(full), load_model_state(parts)
     assert expected.keys() == resumed.keys()
