@@ -1,13 +1,18 @@
-"""Checkpoints of a training run, always written atomically.
+"""Checkpoints of a training run: named by step, the newest few kept, always written atomically.
 
-Single-process and DDP runs write one file, OUT_DIR/ckpt.pt (rank 0 writes it; the ranks hold
-equal copies). FSDP runs write OUT_DIR/ckpt_dcp/ with torch.distributed.checkpoint: every rank
-writes its own shards in parallel, and a run can resume on another number of ranks because DCP
-reshards on load. `consolidate` turns ckpt_dcp/ into the single ckpt.pt that sample.py loads.
+Single-process and DDP runs write OUT/ckpt-000200.pt (rank 0 writes it; the ranks hold equal
+copies). FSDP runs write the folder OUT/ckpt-000200/ with torch.distributed.checkpoint: every
+rank writes its own shards in parallel, and a run can resume on another number of ranks because
+DCP reshards on load. `consolidate` gathers the newest such folder into ckpt-000200.pt (the
+model alone), which sample.py loads.
 
-Every file is loaded with `torch.load(..., weights_only=True)`: nothing is unpickled.
+A checkpoint is written under a temporary name, fsynced, then renamed, and only then are the
+oldest beyond `keep` deleted: a crash at any moment leaves every earlier checkpoint intact, and
+resume takes the newest complete one. Every file is loaded with `torch.load(...,
+weights_only=True)`: nothing is unpickled.
 """
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,32 +20,84 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CKPT_FILE = "ckpt.pt"
-DCP_DIR = "ckpt_dcp"
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
+_NAME = re.compile(r"ckpt-(\d+)(\.pt)?")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or does not fit the run; the message says what to do."""
 
 
+def path_for(out_dir, step: int, sharded: bool) -> Path:
+    return Path(out_dir) / f"ckpt-{step:06d}{'' if sharded else '.pt'}"
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.fullmatch(Path(path).name).group(1))
+
+
+def list_checkpoints(out_dir, sharded: bool) -> list[Path]:
+    """The complete checkpoints of one kind in out_dir (files, or DCP folders when sharded), oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in out_dir.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if not match or bool(match.group(2)) == sharded:
+            continue
+        complete = ((path / ".metadata").is_file() and (path / TRAIN_STATE_FILE).is_file()) if sharded else path.is_file()
+        if complete:
+            found.append(path)
+    return sorted(found, key=step_of)
+
+
+def latest(out_dir, sharded: bool) -> Path | None:
+    checkpoints = list_checkpoints(out_dir, sharded)
+    return checkpoints[-1] if checkpoints else None
+
+
+def delete(path: Path):
+    """Remove a checkpoint: a file, or a sharded checkpoint's folder."""
+    shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+
+
+def _fsync(path: Path):
+    """Flush a file, or a folder's entries (so a rename in it survives a power loss), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """torch.save to a temporary file, fsync, rename: a crash mid-write leaves any old file intact."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def safe_load(path: Path) -> dict:
-    """Load a checkpoint file with weights_only=True, turning any failure into a one-line error."""
+def remove_partial(out_dir):
+    """Delete what an interrupted save left behind (a SIGKILL skips every cleanup). Only the run that
+    owns out_dir may call this, or it would delete another run's save in progress."""
+    for path in Path(out_dir).glob("ckpt-*.tmp"):  # ckpt-N.tmp/ folders and ckpt-N.pt.tmp files
+        delete(path)
+
+
+def safe_load(path: Path, mmap: bool = False) -> dict:
+    """Load a checkpoint file with weights_only=True, turning any failure into a one-line error.
+    mmap=True maps the tensors instead of reading them (to look at the step and config only)."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train first or point --ckpt/out_dir at a run folder")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many kinds for a damaged file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({first_line[:200]})") from None
@@ -49,91 +106,89 @@ def safe_load(path: Path) -> dict:
     return obj
 
 
-def exists(out_dir, sharded: bool) -> bool:
-    return (Path(out_dir) / (DCP_DIR if sharded else CKPT_FILE)).exists()
+def read_train_state(path: Path) -> dict:
+    """Step, config and RNG states of a checkpoint, without reading its tensors."""
+    path = Path(path)
+    if path.is_dir():
+        return safe_load(path / TRAIN_STATE_FILE)
+    state = safe_load(path, mmap=True)
+    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
 
-def save(out_dir, model, optimizer, train_state: dict, sharded: bool):
-    """Write model, optimizer and train_state (step, config, RNG, data position) to out_dir.
-
-    Must be called on every rank. train_state must hold only tensors and plain Python values.
+def save(out_dir, step: int, model, optimizer, train_state: dict, sharded: bool, keep: int, group=None) -> Path:
+    """Write model, optimizer and train_state (step, config, RNG) as the checkpoint of `step`, then
+    delete the oldest of its kind beyond the newest `keep`. Called on every rank; `group` is the process
+    group to wait on (a gloo group with a long timeout: deleting an old 7B checkpoint takes a while).
+    train_state must hold only tensors and plain Python values.
     """
-    out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    final = path_for(out_dir, step, sharded)
     if not sharded:
         if rank == 0:
             atomic_save({"version": FORMAT_VERSION, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), **train_state}, out_dir / CKPT_FILE)
-        if dist.is_initialized():
-            dist.barrier()
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+                         "optimizer": optimizer.state_dict(), **train_state}, final)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final, tmp, old = out_dir / DCP_DIR, out_dir / (DCP_DIR + ".tmp"), out_dir / (DCP_DIR + ".old")
+        tmp = final.with_name(final.name + ".tmp")
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # fsyncs its files
+        dist.barrier(group)
+        if rank == 0:
+            atomic_save({"version": FORMAT_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
+            _fsync(tmp)
+            os.replace(tmp, final)
+            _fsync(final.parent)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
-    if rank == 0:
-        atomic_save({"version": FORMAT_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
-        # At every moment one of ckpt_dcp/ and ckpt_dcp.old/ is complete; load looks at both.
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        for old in list_checkpoints(out_dir, sharded)[:-keep]:
+            delete(old)
+    if dist.is_initialized():
+        dist.barrier(group)
+    return final
 
 
-def load(out_dir, model, optimizer, sharded: bool, check=lambda train_state: None) -> dict:
-    """Restore model and optimizer in place from out_dir; return the saved train_state.
+def load(path: Path, model, optimizer, check=lambda train_state: None) -> dict:
+    """Restore model and optimizer in place from the checkpoint at `path`; return its train_state.
 
     `check(train_state)` runs before any tensor is loaded, to refuse a checkpoint of another run
     with a clear message instead of a shape mismatch from deep inside torch.
     """
-    out_dir = Path(out_dir)
-    if not sharded:
-        state = safe_load(out_dir / CKPT_FILE)
+    path = Path(path)
+    if path.is_file():
+        state = safe_load(path)
         check(state)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path} holds only model weights (a consolidated or exported checkpoint); "
+                                  "resume from a training checkpoint, or start from it with --init_from")
         try:
             model.load_state_dict(state.pop("model"))
             optimizer.load_state_dict(state.pop("optimizer"))
         except (RuntimeError, KeyError, ValueError) as error:
-            raise CheckpointError(f"{out_dir / CKPT_FILE} does not fit this model/optimizer: "
-                                  f"{str(error).splitlines()[0]}") from None
+            raise CheckpointError(f"{path} does not fit this model/optimizer: {str(error).splitlines()[0]}") from None
         return state
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    folder = _sharded_folder(out_dir)
-    train_state = safe_load(folder / TRAIN_STATE_FILE)
+    train_state = safe_load(path / TRAIN_STATE_FILE)
     check(train_state)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)
+    dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return train_state
 
 
-def _sharded_folder(out_dir: Path) -> Path:
-    for folder in (out_dir / DCP_DIR, out_dir / (DCP_DIR + ".old")):
-        if (folder / TRAIN_STATE_FILE).is_file() and (folder / ".metadata").is_file():
-            return folder
-    raise CheckpointError(f"no complete sharded checkpoint in {out_dir} ({DCP_DIR}/ missing or incomplete)")
-
-
 def consolidate(out_dir) -> Path:
-    """Gather OUT_DIR/ckpt_dcp/ into OUT_DIR/ckpt.pt (model weights, config, step), in one process.
-
-    Only the model's tensors are read, so this needs memory for the weights alone (27 GB for 7B).
-    """
+    """Gather the newest sharded checkpoint OUT_DIR/ckpt-N/ into OUT_DIR/ckpt-N.pt (model weights,
+    config, step), in one process. Only the model's tensors are read, so this needs memory for the
+    weights alone (27 GB for 7B)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    out_dir = Path(out_dir)
-    folder = _sharded_folder(out_dir)
+    folder = latest(out_dir, sharded=True)
+    if folder is None:
+        raise CheckpointError(f"no complete sharded checkpoint (ckpt-N/ folder) in {out_dir}")
     train_state = safe_load(folder / TRAIN_STATE_FILE)
     reader = FileSystemReader(folder)
     model_state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -142,7 +197,7 @@ def consolidate(out_dir) -> Path:
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": model_state}, storage_reader=reader, no_dist=True)
-    path = out_dir / CKPT_FILE
+    path = path_for(out_dir, step_of(folder), sharded=False)
     atomic_save({"version": FORMAT_VERSION, "model": model_state, "step": train_state["step"],
                  "config": train_state["config"]}, path)
     return path

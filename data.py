@@ -18,10 +18,9 @@ Many machines: `--part I/N` prepares the I-th of N contiguous slices of the inpu
 into out/part-0000I, with a given tokenizer; `--merge` writes one meta.json over the parts without
 moving their shards (shard paths in meta.json are relative to the data folder).
 
-`TokenData` memory-maps one split's shards as a single stream. A training batch is a set of
-windows of seq_len + 1 tokens whose starts come from a generator seeded by (seed, step), so the
-batch of any step can be recomputed from the step number alone: that number is the whole loader
-state a checkpoint needs, and ranks take disjoint slices of the same global batch.
+`TokenData` reads one split's shards as a single stream of tokens (see its docstring): every
+training window once per epoch, in an order shuffled anew each epoch, and the batch of a step a
+pure function of (seed, step), so the step number is the whole loader state a checkpoint needs.
 
     python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
     python data.py --input FILE_OR_DIR [...] --out DIR --tokenizer PATH --part I/N   # for I in 0..N-1
@@ -456,35 +455,172 @@ def read_meta(data_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------- loading batches
 
+MAX_OPEN_SHARDS = 64  # memory maps one TokenData keeps open (one file descriptor each); see TokenData
+FEISTEL_ROUNDS = 6
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, the odd increment of splitmix64
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 words in which each input bit flips about half
+    of the output bits (uint64 array arithmetic wraps modulo 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash_words(*words: int) -> int:
+    """A 64-bit key from integers of any size and sign: each is folded into the state, then mixed."""
+    state = np.zeros(1, dtype=np.uint64)
+    for word in words:
+        state = _mix64((state ^ np.uint64(word % 2**64)) + np.uint64(_GOLDEN))
+    return int(state[0])
+
+
+def feistel_permutation(index: np.ndarray, n: int, key: int) -> np.ndarray:
+    """The image of each index under a bijection of [0, n) chosen by `key`, in O(len(index)) memory.
+
+    A balanced Feistel network permutes the words of 2h bits, the fewest with 4**h >= n (so 4**h < 4n):
+    each of FEISTEL_ROUNDS rounds swaps the two h-bit halves and xors one with a keyed hash of the
+    other, which is invertible whatever the hash, so the network is a bijection. Cycle-walking
+    restricts it to [0, n): a value that lands at or above n goes through the network again until it
+    falls inside. The walk follows its start's cycle, which contains the start (inside), so it ends,
+    and two starts never end on the same value; it takes fewer than four passes on average.
+    """
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    low = np.uint64((1 << half_bits) - 1)
+    shift = np.uint64(half_bits)
+    round_keys = [np.uint64(_hash_words(key, r)) for r in range(FEISTEL_ROUNDS)]
+
+    def network(x):
+        left, right = x >> shift, x & low
+        for round_key in round_keys:
+            left, right = right, left ^ (_mix64(right ^ round_key) & low)
+        return (left << shift) | right
+
+    x = network(np.asarray(index, dtype=np.uint64))
+    outside = x >= n
+    while outside.any():
+        x[outside] = network(x[outside])
+        outside = x >= n
+    return x.astype(np.int64)
+
+
+def epoch_windows(num_tokens: int, seq_len: int) -> tuple[int, int]:
+    """(n, max_offset): an epoch's windows start at offset + i * seq_len for i < n, each reading
+    seq_len + 1 tokens, with n the same for every offset in [0, max_offset]; max_offset is
+    seq_len - 1 unless the split holds fewer than two windows."""
+    n = max(1, num_tokens // seq_len - 1)
+    return n, min(seq_len - 1, num_tokens - 1 - n * seq_len)
+
+
+def train_window_starts(num_tokens: int, seq_len: int, seed: int, first: int, count: int) -> np.ndarray:
+    """Starts of windows first .. first + count - 1 of the endless sequence epoch 0, epoch 1, ...
+
+    Epoch e is all n windows of a grid shifted by an offset in [0, max_offset] (epoch_windows), in
+    the order of feistel_permutation(., n, key); offset and key are hashes of (seed, e). So every
+    window is read once per epoch, in an order that changes from epoch to epoch, and any stretch of
+    the sequence costs memory and time in proportion to its length, not to n. The shift moves the
+    window boundaries: a token that opens a window (predicted from no context) in one epoch sits
+    inside one in the next. Each epoch leaves out fewer than 2 * seq_len tokens (head and tail).
+    """
+    n, max_offset = epoch_windows(num_tokens, seq_len)
+    epochs, positions = np.divmod(first + np.arange(count, dtype=np.int64), n)
+    starts = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):  # one or two epochs per batch, unless the split is tinier than a batch
+        key = _hash_words(seed, int(epoch))
+        here = epochs == epoch
+        starts[here] = key % (max_offset + 1) + feistel_permutation(positions[here], n, key) * seq_len
+    return starts
+
+
 class TokenData:
-    """One split of a prepared folder, memory-mapped as a single stream of tokens."""
+    """One split of a prepared folder, read as a single stream of tokens.
+
+    Shards are opened lazily, with their lengths taken from meta.json, and at most MAX_OPEN_SHARDS
+    (64) stay memory-mapped, the least recently used closed first. Each map holds a file descriptor,
+    so a 2T-token folder of 20,000 shards trains within the common limit of 1,024 open files (train
+    and val together hold at most 128 maps). The budget pays only while a split has at most that many
+    shards (then every read hits, as fast as with all maps open); random windows over far more shards
+    miss at any affordable budget (512 of 20,000 would hit 2.5%), and a miss (open, map, first page
+    faults, unmap) adds 50-80 us to a window read: a rank's 128 windows of 4,097 tokens in a 7B step
+    of 8 ranks take ~11 ms instead of 2-4 ms with every shard open (bench/bench_loader.py), against
+    a step of tens of seconds. At start one directory listing per shard folder checks that every
+    shard exists (no per-file calls, which are slow on network filesystems); a shard's size is
+    checked when it is opened. Windows are returned as copies, so no evicted map stays alive.
+
+    Training windows are the non-overlapping windows of seq_len tokens (each reads one more for its
+    targets), each read once per epoch in an order shuffled anew every epoch (train_window_starts).
+    Step s takes windows [s * count, (s + 1) * count) of the endless sequence of epochs, so its batch
+    is a pure function of (seed, step): the step number is the loader's whole state in a checkpoint,
+    and ranks take disjoint slices of the same global batch. A batch may straddle two epochs.
+    """
 
     def __init__(self, data_dir: str, split: str):
-        meta = read_meta(data_dir)
-        self.meta = meta
-        info = meta["splits"][split]
+        self.meta, self.split = read_meta(data_dir), split
         try:
-            self.shards = [np.memmap(Path(data_dir) / name, dtype=meta["dtype"], mode="r") for name in info["shards"]]
-        except (FileNotFoundError, ValueError) as error:
-            raise DataError(f"a shard of {data_dir} is missing or empty ({error}); prepare the data again") from None
-        lengths = [len(s) for s in self.shards]
-        if sum(lengths) != info["tokens"]:
-            raise DataError(f"{data_dir}: {split} shards hold {sum(lengths)} tokens, meta.json says "
+            info, dtype = self.meta["splits"][split], self.meta["dtype"]
+            names = [entry["path"] for entry in info["shards"]]
+            self.lengths = np.array([int(entry["tokens"]) for entry in info["shards"]], dtype=np.int64)
+            valid = (dtype in ("uint16", "uint32") and (self.lengths >= 0).all()
+                     and not any(os.path.isabs(name) or ".." in name.split("/") for name in names))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            valid = False
+        if not valid:
+            raise DataError(f"{data_dir}/meta.json does not describe a {split} split; prepare the data again")
+        if self.lengths.sum() != info["tokens"]:
+            raise DataError(f"{data_dir}: {split} shards hold {self.lengths.sum()} tokens, meta.json says "
                             f"{info['tokens']}; prepare the data again")
-        self.starts = np.cumsum([0] + lengths)
-        self.num_tokens, self.split = int(self.starts[-1]), split
+        # Plain strings, not Paths: a 20,000-shard folder then starts in milliseconds.
+        self.dtype, self.shards = np.dtype(dtype), [os.path.join(data_dir, name) for name in names]
+        listed = {folder: set(os.listdir(folder)) if os.path.isdir(folder) else set()
+                  for folder in {os.path.dirname(path) for path in self.shards}}
+        missing = [path for path in self.shards if os.path.basename(path) not in listed[os.path.dirname(path)]]
+        if missing:
+            raise DataError(f"{len(missing)} {split} shard(s) of {data_dir} missing or empty, the first {missing[0]};"
+                            f" prepare the data again")
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.num_tokens = int(self.offsets[-1])
+        self._open = {}  # shard index -> memmap, least recently used first (dicts keep insertion order)
+
+    def _shard(self, index: int) -> np.memmap:
+        shard = self._open.pop(index, None)
+        if shard is None:
+            if len(self._open) >= MAX_OPEN_SHARDS:
+                del self._open[next(iter(self._open))]  # its last reference: the map and descriptor close
+            shard = self._map(index)
+        self._open[index] = shard
+        return shard
+
+    def _map(self, index: int) -> np.memmap:
+        path = self.shards[index]
+        try:
+            shard = np.memmap(path, dtype=self.dtype, mode="r")
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"shard {path} is missing or empty ({error}); prepare the data again") from None
+        if len(shard) != self.lengths[index]:
+            raise DataError(f"shard {path} holds {len(shard)} tokens, meta.json says {self.lengths[index]};"
+                            f" prepare the data again")
+        return shard
+
+    def _read(self, start: int, out: np.ndarray):
+        """Fill `out` with tokens [start, start + len(out)) of the stream, across shard boundaries."""
+        if start < 0 or start + len(out) > self.num_tokens:
+            raise ValueError(f"tokens [{start}, {start + len(out)}) are outside the {self.split} split "
+                             f"of {self.num_tokens} tokens")
+        done, shard = 0, int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while done < len(out):
+            offset = start + done - int(self.offsets[shard])
+            take = min(len(out) - done, int(self.lengths[shard]) - offset)
+            if take > 0:  # empty shards are never opened
+                out[done: done + take] = self._shard(shard)[offset: offset + take]
+                done += take
+            shard += 1
 
     def window(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the stream, across shard boundaries if need be."""
-        parts, end = [], start + length
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while start < end:
-            offset = start - self.starts[shard]
-            piece = self.shards[shard][offset: offset + end - start]
-            parts.append(piece)
-            start += len(piece)
-            shard += 1
-        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+        """Tokens [start, start + length) of the stream, as a copy (so no map is held open through it)."""
+        out = np.empty(length, dtype=self.dtype)
+        self._read(start, out)
+        return out
 
     def check_length(self, seq_len: int):
         if self.num_tokens < seq_len + 1:
@@ -493,21 +629,29 @@ class TokenData:
 
     def batch(self, starts, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets for windows beginning at `starts`."""
-        rows = np.stack([self.window(int(s), seq_len + 1) for s in starts]).astype(np.int64)
+        rows = np.empty((len(starts), seq_len + 1), dtype=np.int64)
+        for row, start in zip(rows, starts):
+            self._read(int(start), row)
         tokens = torch.from_numpy(rows)
         if torch.device(device).type == "cuda":
             tokens = tokens.pin_memory().to(device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
 
     def train_starts(self, seed: int, step: int, count: int, seq_len: int) -> np.ndarray:
-        """Window starts of the global batch of `step`: a pure function of (seed, step)."""
-        generator = np.random.default_rng([seed, step])
-        return generator.integers(0, self.num_tokens - seq_len, size=count)
+        """Window starts of the global batch of `step` (count sequences): a pure function of (seed, step)."""
+        self.check_length(seq_len)
+        return train_window_starts(self.num_tokens, seq_len, seed, step * count, count)
+
+    def epoch(self, step: int, count: int, seq_len: int) -> float:
+        """Epochs completed after `step` steps of `count` sequences (for the log)."""
+        return step * count / epoch_windows(self.num_tokens, seq_len)[0]
 
     def eval_starts(self, seq_len: int, max_tokens: int) -> np.ndarray:
-        """Non-overlapping windows from the start of the split, at most max_tokens targets."""
-        count = max(1, min((self.num_tokens - 1) // seq_len, max_tokens // seq_len))
-        return np.arange(count) * seq_len
+        """Starts of max_tokens // seq_len non-overlapping windows (at least one, at most all) spread
+        evenly over the split, the same at every evaluation."""
+        slots = (self.num_tokens - 1) // seq_len
+        count = max(1, min(slots, max_tokens // seq_len))
+        return np.arange(count, dtype=np.int64) * slots // count * seq_len
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:

@@ -52,6 +52,9 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
 
     # Derived sizes are properties rather than fields resolved in __post_init__, so that
     # dataclasses.replace(config, dim=...) recomputes them instead of keeping stale values.

@@ -31,18 +31,20 @@ class SampleError(ValueError):
 # -----------------------------------------------------------------------------
 # Loading
 
-def load_checkpoint(out_dir, device="cpu"):
-    """Load the model (in eval mode, on `device`), tokenizer and training config saved by train.py in `out_dir`."""
-    out_dir = Path(out_dir)
-    ckpt_path, tok_path = out_dir / checkpoint.CKPT_FILE, out_dir / "tokenizer.json"
-    if not out_dir.is_dir():
-        raise SampleError(f"checkpoint folder {out_dir} not found")
-    if not ckpt_path.exists() and (out_dir / checkpoint.DCP_DIR).exists():
-        raise SampleError(f"{out_dir} holds a sharded FSDP checkpoint; run `python train.py --consolidate {out_dir}` first")
-    if not ckpt_path.is_file():
-        raise SampleError(f"no checkpoint at {ckpt_path}; train first or point --ckpt at a run folder")
+def load_checkpoint(path, device="cpu"):
+    """Load the model (in eval mode, on `device`), tokenizer and training config saved by train.py: from a
+    run folder (its newest checkpoint) or from one checkpoint file of it."""
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"checkpoint folder {path} not found")
+    ckpt_path, out_dir = (checkpoint.latest(path, sharded=False), path) if path.is_dir() else (path, path.parent)
+    if ckpt_path is None and checkpoint.latest(path, sharded=True) is not None:
+        raise SampleError(f"{path} holds a sharded FSDP checkpoint; run `python train.py --consolidate {path}` first")
+    if ckpt_path is None:
+        raise SampleError(f"no checkpoint (ckpt-N.pt) in {path}; train first or point --ckpt at a run folder")
+    tok_path = out_dir / "tokenizer.json"
     if not tok_path.is_file():  # checked before loading the weights, which can take a while
-        raise SampleError(f"no tokenizer at {tok_path}; train.py writes it next to {checkpoint.CKPT_FILE}")
+        raise SampleError(f"no tokenizer at {tok_path}; train.py writes it next to its checkpoints")
     try:  # weights_only, so that a checkpoint from elsewhere cannot run code when loaded
         ckpt = checkpoint.safe_load(ckpt_path)
     except checkpoint.CheckpointError as e:
@@ -236,7 +238,7 @@ def export_hf(model, tokenizer, hf_dir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Generate text from a checkpoint folder written by train.py.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt.pt and tokenizer.json)")
+    p.add_argument("--ckpt", required=True, help="a run folder (its newest ckpt-N.pt and tokenizer.json) or one ckpt-N.pt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: stdin when piped, else a new document)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")

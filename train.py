@@ -3,8 +3,8 @@
     python train.py                                   # small model on the bundled corpus, CPU minutes
     python train.py config/7b.py --dry-run            # parameters, FLOPs and memory per GPU, no run
     torchrun --standalone --nproc_per_node=8 train.py config/7b.py
-    python train.py [CONFIG] [--key=value ...] [--resume]
-    python train.py --consolidate OUT_DIR             # FSDP sharded checkpoint -> OUT_DIR/ckpt.pt
+    python train.py [CONFIG] [--key=value ...] [--resume[=auto]] [--overwrite]
+    python train.py --consolidate OUT_DIR             # FSDP sharded checkpoint -> OUT_DIR/ckpt-N.pt
 
 The loop: AdamW with warmup + cosine decay, gradient accumulation up to a global batch given in
 tokens, gradient clipping, bf16 autocast on CUDA over fp32 master weights, optional activation
@@ -13,39 +13,59 @@ bits per byte; a log line and a JSONL record per interval; atomic checkpoints an
 """
 import argparse
 import dataclasses
+import datetime
+import fcntl
 import gc
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import checkpoint
-from config import ConfigError, TrainConfig, load_config
-from data import (TOKENIZER_FILE, DataError, TokenData, bits_per_byte, prepare, read_meta,
-                  token_byte_lengths)
+from config import (BatchPlan, ConfigError, TrainConfig, flat, load_file, parse_overrides, plan_batch,
+                    resume_config, with_values)
+from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, prepare, read_meta, token_byte_lengths
 from model import Transformer
 from tokenizer import Tokenizer
 
-# Dense bf16 peak of common accelerators, for MFU; unknown devices report achieved FLOP/s only.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense (no sparsity) bf16 tensor-core peak per GPU from NVIDIA's datasheets, matched on the exact
+# variant: an H100 PCIe scored against the SXM part's 989 TFLOP/s would read 30% low.
+PEAK_BF16_FLOPS = [(r"H100.*PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"\bG?H[12]00\b", 989e12),
+                   (r"\bB200\b", 2250e12), (r"\bA100\b", 312e12), (r"\bL40S\b", 362e12), (r"\bL4\b", 121e12),
+                   (r"\bA10\b", 125e12)]
+# Host-side agreement (the data is ready, a rank was signalled) waits on a gloo group with this timeout,
+# not on NCCL's 10 minutes: rank 0 may spend hours preparing a corpus while the others wait.
+HOST_WAIT = datetime.timedelta(hours=24)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name, or None for a device not in the table."""
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, device_name)), None)
 
 
 # ----------------------------------------------------------------------------- setup
 
+class RankError(ConfigError):
+    """A problem of one rank alone (its GPU, its view of the files): each rank reports its own."""
+
+
 @dataclasses.dataclass
 class Runtime:
-    """Where this process runs: its rank in the job and its device."""
+    """Where this process runs: its rank in the job, its device, and the gloo group for host-side waits."""
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
+    host_group: object = None
 
     @property
     def is_main(self):
@@ -54,6 +74,18 @@ class Runtime:
     @property
     def distributed(self):
         return self.world_size > 1 or dist.is_initialized()
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier(self.host_group)
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (a picklable Python object, sent over the host group)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        return box[0]
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
@@ -64,15 +96,20 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but CUDA is not available; use --device=cpu")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RankError(f"rank {rank} (local rank {local_rank}) on {socket.gethostname()} has no GPU: this node "
+                            f"has {torch.cuda.device_count()}; use --nproc_per_node={torch.cuda.device_count()} or less")
         device = torch.device(cfg.device if ":" in cfg.device and world_size == 1 else f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    host_group = None
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT)
     elif cfg.parallel == "fsdp":
         raise ConfigError("parallel=fsdp needs torchrun (e.g. torchrun --standalone --nproc_per_node=1 train.py ...)")
-    return Runtime(rank, local_rank, world_size, device)
+    return Runtime(rank, local_rank, world_size, device, host_group)
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -81,16 +118,36 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def check_shared_files(rt: Runtime, path: Path, what: str):
+    """Every rank must see the files rank 0 writes (prepared data, checkpoints): on several nodes that
+    takes a shared filesystem. A rank that cannot see rank 0's newest file stops with one line."""
+    expected = rt.broadcast(path.read_text() if rt.is_main else None)
+    try:
+        seen = path.read_text()
+    except OSError:
+        seen = None
+    if seen != expected:
+        raise RankError(f"rank {rt.rank} on {socket.gethostname()} cannot see the {what} rank 0 wrote at {path}:"
+                        " runs on several nodes need out_dir and data_dir on a filesystem every node shares")
+
+
 def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
-    """Prepare the corpus on first use (rank 0), check it matches the run, and return its tokenizer."""
+    """Prepare the corpus on first use (rank 0, while the others wait on the host group), check it
+    matches the run, and return its tokenizer."""
     meta_path = Path(cfg.data_dir) / "meta.json"
+    failure = None
     if rt.is_main and not meta_path.exists():
-        if not cfg.inputs:
-            raise DataError(f"no prepared data in {cfg.data_dir} and no inputs to prepare it from")
-        prepare(cfg.inputs, cfg.data_dir, cfg.model.vocab_size, cfg.tokenizer or None, cfg.val_fraction,
-                cfg.tokenizer_max_bytes)
-    if rt.distributed:
-        dist.barrier()
+        try:
+            if not cfg.inputs:
+                raise DataError(f"no prepared data in {cfg.data_dir} and no inputs to prepare it from")
+            prepare(cfg.inputs, cfg.data_dir, cfg.model.vocab_size, cfg.tokenizer or None, cfg.val_fraction,
+                    cfg.tokenizer_max_bytes)
+        except (DataError, ValueError) as error:
+            failure = error
+    failure = rt.broadcast(None if failure is None else str(failure))
+    if failure is not None:
+        raise DataError(failure)
+    check_shared_files(rt, meta_path, "prepared data")
     meta = read_meta(cfg.data_dir)
     if cfg.tokenizer:
         if Tokenizer.load(cfg.tokenizer).fingerprint() != meta["tokenizer_fingerprint"]:
@@ -117,11 +174,17 @@ def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool
         model.init_weights()
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # The run's own device type: left to itself FSDP picks the machine's accelerator, and would move
+        # a --device=cpu model onto a GPU that the gloo group cannot talk to.
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+        # Blocks receive the hidden state (already bf16) and the fp32 RoPE tables: casting the inputs
+        # would rotate in bf16 under FSDP but in fp32 under DDP's autocast.
+        block_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     return model
 
 
@@ -132,7 +195,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     for param in model.parameters():
         (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                              fused=device.type == "cuda")
 
 
@@ -161,7 +224,7 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
         model = Transformer(cfg.model)
     m, n_params = cfg.model, model.num_params()
     act_bytes = 2 if cfg.dtype == "bfloat16" or cfg.dtype == "auto" else 4
-    tokens = cfg.micro_batch_size * m.max_seq_len
+    tokens = plan_batch(cfg, world_size).micro_batch_size * m.max_seq_len
     ffn = model.layers[0].feed_forward.w1.out_features
     per_layer_token = act_bytes * (10 * m.dim + 4 * ffn) + 8 * m.dim
     if cfg.activation_checkpointing:
@@ -193,10 +256,10 @@ def dry_run(cfg: TrainConfig, world_size: int):
     print(f"parameters: {n_params:,} ({n_params / 1e9:.2f}B; {model.num_params(exclude_embedding=True):,}"
           " without the embedding table)")
     print(f"training FLOPs per token: {model.flops_per_token():,} (context {cfg.model.max_seq_len})")
-    accum = cfg.grad_accum_steps(world_size)
+    plan = plan_batch(cfg, world_size)
     print(f"world size {world_size}, parallel={cfg.parallel if world_size > 1 else 'none'}, micro-batch "
-          f"{cfg.micro_batch_size} x {cfg.model.max_seq_len} tokens, {accum} accumulation steps, "
-          f"{cfg.global_batch_tokens:,} tokens per step")
+          f"{plan.micro_batch_size} x {cfg.model.max_seq_len} tokens, {plan.accum_steps} accumulation steps, "
+          f"{plan.global_batch_tokens:,} tokens per step" + (f" ({plan.note})" if plan.note else ""))
     print(f"estimated memory per GPU (activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}):")
     for name, size in estimate_memory(cfg, world_size).items():
         print(f"  {name:<24} {size / 2**30:8.1f} GiB")
@@ -221,34 +284,51 @@ def check_memory_fits(cfg: TrainConfig, rt: Runtime):
 class Trainer:
     """One training run: model, optimizer, data and the loop, with checkpoints and logs."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool):
-        self.cfg, self.rt = cfg, rt
+    def __init__(self, cfg: TrainConfig, plan: BatchPlan, rt: Runtime, resume_from: Path | None = None,
+                 changes: dict | None = None, overwrite: bool = False):
+        self.cfg, self.plan, self.rt = cfg, plan, rt
         self.sharded = cfg.parallel == "fsdp" and rt.distributed
         self.dtype = compute_dtype(cfg, rt.device)
         self.out_dir = Path(cfg.out_dir)
+        self.start_time = time.time()
+        if rt.is_main:
+            self._prepare_out_dir(overwrite)
+        check_shared_files(rt, self.out_dir / ".run", "run folder")
         self.tokenizer = ensure_data(cfg, rt)
         self.train_data, self.val_data = TokenData(cfg.data_dir, "train"), TokenData(cfg.data_dir, "val")
         for split in (self.train_data, self.val_data):
             split.check_length(cfg.model.max_seq_len)
-        self.accum = cfg.grad_accum_steps(rt.world_size)
         check_memory_fits(cfg, rt)
         self.model = build_model(cfg, rt, self.dtype, self.sharded)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
-        self.step, self.bad_steps = 0, 0
-        self.stop_signal, self.stop_requested = None, False  # set by the handler; agreed by all ranks
-        if rt.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._resume()
+        self.step, self.bad_steps, self.elapsed_before = 0, 0, 0.0
+        self.stop_signal = None  # set by the signal handler; acted on once every rank agrees
+        if resume_from is not None:
+            self._resume(resume_from, changes or {})
         else:
             torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank, as its data does
         self.ddp = None
         if rt.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+            # RoPE buffers are derived from the config, never changed: broadcasting them every forward
+            # is wasted traffic. Gradients as views of DDP's buckets save 4 bytes per parameter.
+            self.ddp = DistributedDataParallel(self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
+                                               broadcast_buffers=False, gradient_as_bucket_view=True)
         forward = self.ddp or self.model
         self.forward = torch.compile(forward) if cfg.compile else forward
+
+    def _prepare_out_dir(self, overwrite: bool):
+        """Clear what an interrupted save left, and with --overwrite delete the previous run's checkpoints
+        and log (the user asked to start over). Runs under the out_dir lock (see `train`)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(self.out_dir)
+        if overwrite:
+            for sharded in (False, True):
+                for old in checkpoint.list_checkpoints(self.out_dir, sharded):
+                    checkpoint.delete(old)
+            (self.out_dir / "log.jsonl").unlink(missing_ok=True)
+        (self.out_dir / ".run").write_text(f"{os.getpid()} {time.time()}")
 
     # -- checkpoints
 
@@ -259,22 +339,26 @@ class Trainer:
         states = [rng]
         if self.rt.distributed:
             states = [None] * self.rt.world_size
-            dist.all_gather_object(states, rng)
+            dist.all_gather_object(states, rng, group=self.rt.host_group)
         # "step" is also the data loader's whole state: a batch is a pure function of (seed, step).
-        return {"step": self.step, "config": dataclasses.asdict(self.cfg), "rng": states,
-                "tokenizer_fingerprint": self.train_data.meta["tokenizer_fingerprint"]}
+        # The config saved is the effective one (global batch as rounded), which resume continues.
+        config = dataclasses.asdict(dataclasses.replace(self.cfg, global_batch_tokens=self.plan.global_batch_tokens))
+        return {"step": self.step, "config": config, "rng": states, "elapsed_s": self._elapsed(),
+                "tokenizer_fingerprint": self.train_data.meta["tokenizer_fingerprint"],
+                "train_tokens": self.train_data.num_tokens}
 
     def save_checkpoint(self):
         start = time.time()
-        checkpoint.save(self.out_dir, self.model, self.optimizer, self._train_state(), self.sharded)
+        path = checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, self._train_state(),
+                               self.sharded, self.cfg.keep_checkpoints, self.rt.host_group)
         if self.rt.is_main:
             self.tokenizer.save(self.out_dir / TOKENIZER_FILE)  # sample.py needs only this folder
-            self.log({"event": "checkpoint", "step": self.step, "seconds": round(time.time() - start, 2)},
-                     f"step {self.step}: checkpoint saved to {self.out_dir} ({time.time() - start:.1f}s)")
+            self.log({"event": "checkpoint", "step": self.step, "path": path.name, "seconds": round(time.time() - start, 2)},
+                     f"step {self.step}: checkpoint saved to {path} ({time.time() - start:.1f}s)")
 
-    def _resume(self):
-        state = checkpoint.load(self.out_dir, self.model, self.optimizer, self.sharded, self._check_resumable)
-        self.step = state["step"]
+    def _resume(self, path: Path, changes: dict):
+        state = checkpoint.load(path, self.model, self.optimizer, self._check_resumable)
+        self.step, self.elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         rng = state["rng"][self.rt.rank] if self.rt.rank < len(state["rng"]) else None
         if rng is None:  # more ranks than the run that saved: a fresh stream for the new ones
             torch.manual_seed(self.cfg.seed + self.rt.rank + self.step)
@@ -282,17 +366,29 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.rt.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
-        self.log({"event": "resume", "step": self.step}, f"resumed from {self.out_dir} at step {self.step}")
+        if self.rt.is_main:
+            self._truncate_log()
+        self.log({"event": "resume", "step": self.step, "path": path.name},
+                 f"resumed from {path} at step {self.step}")
+        for key, (old, new) in changes.items():
+            self.log({"event": "config_change", "step": self.step, "key": key, "old": old, "new": new},
+                     f"{key} changed from {old!r} to {new!r} at step {self.step}")
+
+    def _truncate_log(self):
+        """Drop the records of steps after the checkpoint (they are replayed now, and would appear twice),
+        and a last line cut short by a kill."""
+        log = self.out_dir / "log.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if _step_of_record(line) <= self.step]
+            tmp = log.with_name("log.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, log)
 
     def _check_resumable(self, state: dict):
-        saved_model = state["config"]["model"]
-        if saved_model != dataclasses.asdict(self.cfg.model):
-            changed = [k for k in saved_model if saved_model[k] != getattr(self.cfg.model, k, None)]
-            raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} has another model shape "
-                                             f"({', '.join('model.' + k for k in changed)}); resume with its config")
-        if state.get("tokenizer_fingerprint") != self.train_data.meta["tokenizer_fingerprint"]:
-            raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} was trained on data prepared with"
-                                             f" another tokenizer than {self.cfg.data_dir}")
+        if state.get("tokenizer_fingerprint") != self.train_data.meta["tokenizer_fingerprint"] or \
+                state.get("train_tokens", self.train_data.num_tokens) != self.train_data.num_tokens:
+            raise checkpoint.CheckpointError(f"the checkpoint in {self.out_dir} was trained on other data than "
+                                             f"{self.cfg.data_dir} holds (another tokenizer or corpus)")
 
     # -- logging
 
@@ -303,12 +399,8 @@ class Trainer:
         with open(self.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        """Sums over all ranks."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
-        if self.rt.distributed:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start_time
 
     # -- training and evaluation
 
@@ -317,9 +409,19 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.rt.device.type, dtype=self.dtype)
 
+    def stop_agreed(self) -> bool:
+        """True once any rank has been signalled. Checked before every micro-step and eval batch, so a
+        SIGTERM is acted on within one forward/backward, well inside torchrun's grace period; the vote
+        goes over the gloo host group, so it never waits for the GPU."""
+        if not self.rt.distributed:
+            return self.stop_signal is not None
+        vote = torch.tensor([self.stop_signal is not None], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.rt.host_group)
+        return bool(vote.item())
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean val loss in nats per token and bits per byte over up to eval_tokens tokens."""
+    def evaluate(self) -> dict | None:
+        """Mean val loss in nats per token and bits per byte over up to eval_tokens tokens (None if stopped)."""
         self.model.eval()
         seq = self.cfg.model.max_seq_len
         starts = self.val_data.eval_starts(seq, self.cfg.eval_tokens)
@@ -328,51 +430,61 @@ class Trainer:
         per_rank = len(starts) // self.rt.world_size
         mine = starts[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank] if per_rank else starts[:1]
         # Sums stay on the device until the end: one host sync per evaluation, not two per batch.
-        nats = text_bytes = torch.zeros((), dtype=torch.float64, device=self.rt.device)
-        tokens = 0
-        for i in range(0, len(mine), self.cfg.micro_batch_size):
-            x, y = self.val_data.batch(mine[i: i + self.cfg.micro_batch_size], seq, self.rt.device)
+        sums, tokens = torch.zeros(2, dtype=torch.float64, device=self.rt.device), 0  # nats, text bytes
+        for i in range(0, len(mine), self.plan.micro_batch_size):
+            if self.stop_agreed():
+                self.model.train()
+                return None
+            x, y = self.val_data.batch(mine[i: i + self.plan.micro_batch_size], seq, self.rt.device)
             with self.autocast():
                 _, loss = self.forward(x, y)
-            nats = nats + loss.double() * y.numel()
-            text_bytes = text_bytes + self.token_bytes[y].sum()
+            sums += torch.stack([loss.double() * y.numel(), self.token_bytes[y].sum()])
             tokens += y.numel()
-        nats, tokens, text_bytes = self._all_reduce([nats.item(), tokens, text_bytes.item()])
+        totals = torch.cat([sums, sums.new_tensor([tokens])])
+        if self.rt.distributed:
+            dist.all_reduce(totals)
+        nats, text_bytes, tokens = totals.tolist()
         self.model.train()
         return {"val_loss": nats / tokens, "val_bpb": bits_per_byte(nats, text_bytes)}
 
-    def train_step(self) -> tuple[float, float] | None:
-        """One optimizer step over the global batch; None when the loss was not finite."""
-        cfg, rt, seq = self.cfg, self.rt, self.cfg.model.max_seq_len
+    def train_step(self) -> tuple[float, float] | str:
+        """One optimizer step over the global batch: (loss, grad norm), or "nonfinite" when the update was
+        skipped, or "stopped" when a signal came before its last micro-step (nothing is applied)."""
+        cfg, rt, plan, seq = self.cfg, self.rt, self.plan, self.cfg.model.max_seq_len
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
-        starts = self.train_data.train_starts(cfg.seed, self.step, cfg.micro_batch_size * self.accum * rt.world_size, seq)
-        mine = starts.reshape(rt.world_size, self.accum, cfg.micro_batch_size)[rt.rank]
+        starts = self.train_data.train_starts(cfg.seed, self.step, plan.micro_batch_size * plan.accum_steps * rt.world_size, seq)
+        mine = starts.reshape(rt.world_size, plan.accum_steps, plan.micro_batch_size)[rt.rank]
         loss_sum = torch.zeros((), device=rt.device)
+        # Under FSDP every micro-step reduce-scatters its gradients: skipping that (set_requires_gradient_sync)
+        # would hold an unsharded fp32 gradient of the whole model on every GPU (25 GiB for 7B).
         for micro_step, micro_starts in enumerate(mine):
-            last = micro_step == self.accum - 1
+            if self.stop_agreed():
+                self.optimizer.zero_grad(set_to_none=True)
+                return "stopped"
             x, y = self.train_data.batch(micro_starts, seq, rt.device)
-            if self.sharded:
-                self.model.set_requires_gradient_sync(last)
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
-            with sync:
+            last = micro_step == plan.accum_steps - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 with self.autocast():
                     _, loss = self.forward(x, y)
-                (loss / self.accum).backward()
+                (loss / plan.accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # One collective per step: the mean loss, and whether any rank was signalled to stop.
-        loss_mean, stop_votes = self._all_reduce([loss_sum.item() / self.accum, float(self.stop_signal is not None)])
-        loss_mean /= rt.world_size
-        self.stop_requested = stop_votes > 0
-        if not (math.isfinite(loss_mean) and math.isfinite(grad_norm.item())):
+        stats = torch.stack([loss_sum / plan.accum_steps, grad_norm.to(loss_sum.dtype)])
+        if rt.distributed:  # one collective per step: the mean loss (the norm is already global)
+            dist.all_reduce(stats)
+        loss_sum, grad_norm = stats.tolist()
+        loss_mean = loss_sum / rt.world_size
+        grad_norm /= rt.world_size
+        if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            return None
+            return "nonfinite"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_mean, grad_norm.item()
+        return loss_mean, grad_norm
 
     def _handle_signal(self, signum, frame):
         self.stop_signal = signum
@@ -387,71 +499,85 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def _loop(self) -> bool:
-        cfg, rt = self.cfg, self.rt
-        tokens_per_step = cfg.global_batch_tokens
+        cfg, rt, plan = self.cfg, self.rt, self.plan
         flops_per_token = self.model.flops_per_token()
-        peak = next((f for name, f in PEAK_BF16_FLOPS.items() if rt.device.type == "cuda"
-                     and name in torch.cuda.get_device_name(rt.device)), None)
-        self.log({"event": "start", "step": self.step, "params": self.model.num_params(),
-                  "world_size": rt.world_size, "grad_accum": self.accum, "config": dataclasses.asdict(cfg)},
+        peak = peak_bf16_flops(torch.cuda.get_device_name(rt.device)) \
+            if rt.device.type == "cuda" and self.dtype == torch.bfloat16 else None
+        self.log({"event": "start", "step": self.step, "params": self.model.num_params(), "world_size": rt.world_size,
+                  "grad_accum": plan.accum_steps, "micro_batch_size": plan.micro_batch_size,
+                  "global_batch_tokens": plan.global_batch_tokens, "config": dataclasses.asdict(cfg)},
                  f"{self.model.num_params():,} parameters, {rt.world_size} rank(s) on {rt.device.type}, "
-                 f"{self.accum} micro-step(s) of {cfg.micro_batch_size}x{cfg.model.max_seq_len} per step, "
-                 f"{tokens_per_step:,} tokens per step, {cfg.max_steps} steps")
-        start_time = last_time = time.time()
+                 f"{plan.accum_steps} micro-step(s) of {plan.micro_batch_size}x{cfg.model.max_seq_len} per step, "
+                 f"{plan.global_batch_tokens:,} tokens per step, {cfg.max_steps} steps"
+                 + (f" ({plan.note})" if plan.note else ""))
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)  # the logged peak is training's, not initialisation's
+        self.start_time = last_time = time.time()
         start_step, last_step = self.step, self.step
+        if self.step == 0 and not self._log_eval():  # the untrained model's loss, as a baseline
+            return self._stop()
         while self.step < cfg.max_steps:
-            if self.step % cfg.eval_interval == 0:
-                self._log_eval(time.time() - start_time)
             result = self.train_step()
+            if result == "stopped":
+                return self._stop()
             self.step += 1  # also after a skipped update: the same batch again would fail the same way
-            if result is None:
+            if result == "nonfinite":
                 self.bad_steps += 1
                 self.log({"event": "nonfinite", "step": self.step},
                          f"step {self.step}: loss or gradient is not finite, update skipped")
                 if self.bad_steps >= cfg.max_bad_steps:
+                    last_good = checkpoint.latest(self.out_dir, self.sharded)
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                     self.log({"event": "abort", "step": self.step},
-                             f"{self.bad_steps} non-finite steps in a row: stopping; the last good checkpoint is"
-                             f" in {self.out_dir}")
+                             f"{self.bad_steps} non-finite steps in a row: stopping; {where}")
                     return False
                 continue
             self.bad_steps = 0
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 now = time.time()
                 loss, grad_norm = result
-                step_time = (now - last_time) / (self.step - last_step)
-                tokens_per_s = tokens_per_step / step_time
+                tokens_per_s = plan.global_batch_tokens * (self.step - last_step) / (now - last_time)
                 record = {"step": self.step, "loss": round(loss, 4), "lr": learning_rate(cfg, self.step - 1),
                           "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_s),
-                          "flops_per_s": flops_per_token * tokens_per_s,
-                          "elapsed_s": round(now - start_time, 1),
-                          "eta_s": round((now - start_time) / (self.step - start_step) * (cfg.max_steps - self.step))}
+                          "flops_per_s": flops_per_token * tokens_per_s, "elapsed_s": round(self._elapsed(), 1),
+                          "eta_s": round((now - self.start_time) / (self.step - start_step) * (cfg.max_steps - self.step)),
+                          "epoch": round(self.train_data.epoch(self.step, plan.global_batch_tokens // cfg.model.max_seq_len,
+                                                               cfg.model.max_seq_len), 3)}
                 line = (f"step {self.step}/{cfg.max_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
                         f"grad {grad_norm:.2f} | {tokens_per_s:,.0f} tok/s | "
                         f"{record['flops_per_s'] / 1e9:.1f} GFLOP/s")
                 if peak:
-                    record["mfu"] = record["flops_per_s"] / (peak * rt.world_size)
-                    line += f" | MFU {100 * record['mfu']:.1f}%"
+                    record["mfu"], record["mfu_peak_flops"] = record["flops_per_s"] / (peak * rt.world_size), peak
+                    line += f" | MFU {100 * record['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16"
                 if rt.device.type == "cuda":
-                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-                    line += f" | mem {record['peak_mem_gb']:.1f} GiB"
-                self.log(record, line + f" | ETA {record['eta_s'] // 60:.0f}m{record['eta_s'] % 60:02.0f}s")
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+                    record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(rt.device) / 2**30
+                    line += f" | mem {record['peak_mem_gib']:.1f} GiB ({record['peak_reserved_gib']:.1f} reserved)"
+                self.log(record, line + f" | epoch {record['epoch']:.2f} | ETA {record['eta_s'] // 60:.0f}m{record['eta_s'] % 60:02.0f}s")
                 last_time, last_step = now, self.step
-            if self.stop_requested:
+            # Evaluate before saving: every record of a step then precedes its checkpoint, and a resumed
+            # run continues the log exactly where the checkpoint left it.
+            if (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps) and not self._log_eval():
+                return self._stop()
+            if self.step % cfg.ckpt_interval == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
-                self.log({"event": "signal", "step": self.step},
-                         f"stopped by signal at step {self.step}; resume with --resume")
-                return True
-            if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        self._log_eval(time.time() - start_time)
-        self.save_checkpoint()
         return True
 
-    def _log_eval(self, elapsed: float):
+    def _stop(self) -> bool:
+        """A signal arrived: save the last completed step and leave."""
+        self.save_checkpoint()
+        self.log({"event": "signal", "step": self.step}, f"stopped by signal at step {self.step}; resume with --resume")
+        return True
+
+    def _log_eval(self) -> bool:
         result = self.evaluate()
+        if result is None:
+            return False
+        elapsed = self._elapsed()
         self.log({"event": "eval", "step": self.step, "elapsed_s": round(elapsed, 1), **result},
                  f"step {self.step}: val loss {result['val_loss']:.4f} nats/token, "
                  f"{result['val_bpb']:.4f} bits/byte ({elapsed:.0f}s)")
+        return True
 
     def print_sample(self):
         """A short sample from the trained model (single-process runs: FSDP shards need consolidating)."""
@@ -467,39 +593,102 @@ class Trainer:
         print("--- sample ---\n" + self.tokenizer.decode(ids) + "\n--------------", flush=True)
 
 
+def _step_of_record(line: str) -> float:
+    """The step of a log.jsonl line; infinity for a line that is not a whole JSON record."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
+
+
+# ----------------------------------------------------------------------------- command line
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [CONFIG] [--key=value ...]")
     parser.add_argument("config", nargs="?", help="a config file such as config/7b.py (default: the small run)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in out_dir")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                        help="continue from the newest checkpoint in out_dir; =auto also starts fresh when there is none")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting out_dir's checkpoints and log")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs and memory, then exit")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                         help="ranks assumed by --dry-run")
-    parser.add_argument("--consolidate", metavar="OUT_DIR", help="gather an FSDP checkpoint into OUT_DIR/ckpt.pt")
+    parser.add_argument("--consolidate", metavar="OUT_DIR", help="gather an FSDP checkpoint into OUT_DIR/ckpt-N.pt")
     return parser.parse_known_args(argv)
 
 
-def train(cfg: TrainConfig, rt: Runtime, resume: bool) -> int:
+def start_config(args, overrides: list[str]) -> tuple[TrainConfig, Path | None, dict]:
+    """The run's config, the checkpoint to resume from (None: a fresh start) and the config changes
+    made on resume. Resuming takes the config saved in the checkpoint: only keys that cannot alter the
+    run so far (lr, max_steps, intervals, ...) may be changed, explicitly, with --key=value."""
+    values = parse_overrides(overrides)
+    file_config = load_file(args.config)
+    cfg = with_values(file_config, values)
+    found = checkpoint.latest(cfg.out_dir, cfg.parallel == "fsdp")
+    if args.resume == "yes" and found is None:
+        raise ConfigError(f"no checkpoint in {cfg.out_dir} to resume; start without --resume (or use --resume=auto)")
+    if found is None or not args.resume:
+        if found is not None and not args.overwrite:
+            raise ConfigError(f"{cfg.out_dir} already holds a checkpoint ({found.name}); continue it with --resume, "
+                              "start over with --overwrite (deletes its checkpoints), or choose another --out_dir")
+        return cfg, None, {}
+    saved = checkpoint.read_train_state(found)["config"]
+    cfg, changes = resume_config(saved, values, out_dir=cfg.out_dir)
+    ignored = [k for k, v in flat(file_config).items() if k not in values and v != flat(cfg)[k] and k != "out_dir"]
+    if ignored and args.config and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {args.config} differs from the checkpoint in {', '.join(ignored)}; the checkpoint's values are"
+              " used (change one with --key=value)", file=sys.stderr)
+    return cfg, found, changes
+
+
+@contextmanager
+def out_dir_lock(out_dir: str, rt: Runtime):
+    """Rank 0 holds an exclusive lock on out_dir for the whole run: two runs writing the same
+    checkpoints (or one deleting the other's partial save) would lose work."""
+    if not rt.is_main:
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another run is using {out_dir} (it holds {Path(out_dir) / '.lock'}); "
+                              "wait for it to finish or choose another --out_dir") from None
+        yield
+
+
+def train(cfg: TrainConfig, plan: BatchPlan, rt: Runtime, resume_from: Path | None, changes: dict,
+          overwrite: bool) -> int:
     """Run the training; 0 when it finished or stopped by a signal, 1 when non-finite losses stopped it."""
-    trainer = Trainer(cfg, rt, resume)
-    finished = trainer.run()
-    if finished and trainer.step >= cfg.max_steps:
-        trainer.print_sample()
+    with out_dir_lock(cfg.out_dir, rt):
+        trainer = Trainer(cfg, plan, rt, resume_from, changes, overwrite)
+        finished = trainer.run()
+        if finished and trainer.step >= cfg.max_steps:
+            trainer.print_sample()
     return 0 if finished else 1
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         if args.consolidate:
             print(f"wrote {checkpoint.consolidate(args.consolidate)}")
             return 0
-        cfg = load_config(args.config, overrides)
         if args.dry_run:
-            dry_run(cfg, args.world_size)
+            dry_run(with_values(load_file(args.config), parse_overrides(overrides)), args.world_size)
             return 0
-        return train(cfg, setup_runtime(cfg), args.resume)
+        cfg, resume_from, changes = start_config(args, overrides)
+        plan = plan_batch(cfg, world_size)
+        if resume_from is not None and plan.global_batch_tokens != cfg.global_batch_tokens:
+            raise ConfigError(f"the run's global batch of {cfg.global_batch_tokens:,} tokens cannot be split over "
+                              f"{world_size} rank(s) ({plan.note}); resume on a world size that divides its "
+                              f"{cfg.global_batch_tokens // cfg.model.max_seq_len} sequences")
+        return train(cfg, plan, setup_runtime(cfg), resume_from, changes, args.overwrite)
     except (ConfigError, DataError, checkpoint.CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # The ranks share one config and one set of files, so rank 0 alone reports what they all found.
+        if rank == 0 or isinstance(error, RankError):
+            print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py config/7b.py --inputs=/data/my_corpus
 
 Recipe as in the Llama 2 paper: context 4096, a global batch of 4M tokens (1024 sequences),
-AdamW (0.9, 0.95), lr 3e-4 with 2000 warmup steps and cosine decay to 10%, weight decay 0.1,
+AdamW (beta 0.9, 0.95; eps 1e-5), lr 3e-4 with 2000 warmup steps and cosine decay to 10%, weight decay 0.1,
 gradient clipping 1.0. FSDP2 shards weights, gradients and Adam state across the ranks; bf16
 compute with fp32 reductions; every block recomputes its activations in the backward pass.
 """
@@ -28,11 +28,13 @@ config = TrainConfig(
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.95,
+    adam_eps=1e-5,
     grad_clip=1.0,
     eval_interval=1000,
     eval_tokens=4 * 1024 * 4096,
     log_interval=10,
     ckpt_interval=1000,
+    keep_checkpoints=2,             # ~81 GB each (fp32 weights + AdamW moments)
     sample_tokens=0,
     dtype="bfloat16",
     parallel="fsdp",

@@ -2,11 +2,14 @@
 
 A config file (e.g. config/7b.py) is ordinary Python that builds `config = TrainConfig(...)`;
 it is run in a namespace of its own (runpy), so nothing leaks into the trainer's globals.
-Overrides are `--key=value` for training keys and `--model.key=value` for model keys; an
-unknown key or a value of the wrong type is a one-line error naming what would be valid.
+Overrides are `--key=value` for training keys and `--model.key=value` for model keys. Every key
+is checked when the config is built: an unknown key, a value of the wrong type or out of range
+is a one-line error naming what would be valid.
 """
 import dataclasses
 import difflib
+import json
+import math
 import runpy
 import types
 import typing
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model import ModelConfig
+
+PROJECT = Path(__file__).resolve().parent.parent  # the bundled defaults resolve here, not in the working folder
 
 
 class ConfigError(ValueError):
@@ -32,7 +37,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=small_model)
 
     # data: raw inputs (files, folders, .jsonl) are prepared into token shards in data_dir on first use
-    inputs: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])
+    inputs: list[str] = field(default_factory=lambda: [str(PROJECT / "data" / "tinyshakespeare.txt")])
     data_dir: str = "out/data/tinyshakespeare"
     tokenizer: str = ""                 # an existing tokenizer file; "" trains one of model.vocab_size
     val_fraction: float = 0.1           # share of the documents held out for validation, spread over the corpus
@@ -44,7 +49,7 @@ class TrainConfig:
     out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
 
     # batch: sequences are model.max_seq_len tokens long
-    micro_batch_size: int = 32          # sequences per rank per forward/backward
+    micro_batch_size: int = 32          # at most this many sequences per rank per forward/backward
     global_batch_tokens: int = 4096     # per optimizer step, all ranks; sets gradient accumulation
     max_steps: int = 800
 
@@ -55,13 +60,15 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0              # max global gradient norm; 0 turns clipping off
 
     # evaluation, logging, checkpoints (intervals in optimizer steps)
     eval_interval: int = 100
     eval_tokens: int = 65536            # validation tokens per evaluation (whole split when it is smaller)
     log_interval: int = 25
     ckpt_interval: int = 200
+    keep_checkpoints: int = 3           # the newest this many checkpoints stay on disk
     max_bad_steps: int = 3              # consecutive non-finite losses before the run stops
     sample_tokens: int = 200            # printed from the final model; 0 for none
 
@@ -74,37 +81,109 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        checks = [
-            (self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', not {self.parallel!r}"),
-            (self.dtype in ("auto", "float32", "bfloat16"),
-             f"dtype must be 'auto', 'float32' or 'bfloat16', not {self.dtype!r}"),
-            (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, not {self.val_fraction}"),
-            (self.val_max_bytes > 0, f"val_max_bytes must be positive, not {self.val_max_bytes}"),
-            (self.text_field != "", "text_field must name the field of the records that holds the text"),
-            (self.tokenizer_memory_budget is None or self.tokenizer_memory_budget > 0,
-             f"tokenizer_memory_budget must be positive (bytes) or None, not {self.tokenizer_memory_budget}"),
-            (self.micro_batch_size > 0, "micro_batch_size must be positive"),
-            (self.global_batch_tokens > 0, "global_batch_tokens must be positive"),
-            (self.max_steps > 0, "max_steps must be positive"),
-            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be positive and min_lr_ratio in [0, 1]"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (min(self.eval_interval, self.log_interval, self.ckpt_interval, self.eval_tokens) > 0,
-             "eval_interval, log_interval, ckpt_interval and eval_tokens must be positive"),
-            (bool(self.inputs) or bool(self.data_dir), "give inputs to prepare or a prepared data_dir"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        _check_types(self, "")
+        _check_types(self.model, "model.")
+        positive_ints = ("tokenizer_max_bytes", "micro_batch_size", "global_batch_tokens", "max_steps",
+                         "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_checkpoints",
+                         "max_bad_steps")
+        for key in positive_ints:
+            _require(getattr(self, key) >= 1, key, getattr(self, key), "a positive integer")
+        for key in ("warmup_steps", "sample_tokens"):
+            _require(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        finite = math.isfinite
+        _require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "between 0 and 1")
+        _require(self.val_max_bytes >= 1, "val_max_bytes", self.val_max_bytes, "a positive number of bytes")
+        _require(self.text_field != "", "text_field", self.text_field, "the name of the field that holds the text")
+        _require(self.tokenizer_memory_budget is None or self.tokenizer_memory_budget >= 1, "tokenizer_memory_budget",
+                 self.tokenizer_memory_budget, "a positive number of bytes, or None for the tokenizer's default")
+        _require(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, key, getattr(self, key), "in [0, 1)")
+        _require(finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps, "a positive number")
+        _require(finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip,
+                 "a number > 0, or 0 for no clipping")
+        _require(0 <= self.seed < 2**62, "seed", self.seed, "an integer in [0, 2**62)")
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                 "device", self.device, "auto, cpu, cuda or cuda:N")
+        _require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype, "auto, float32 or bfloat16")
+        _require(self.parallel in ("ddp", "fsdp"), "parallel", self.parallel, "ddp or fsdp")
+        for key in ("data_dir", "out_dir"):
+            _require(getattr(self, key) != "", key, getattr(self, key), "a folder path")
+        _require(all(self.inputs), "inputs", self.inputs, "paths of text files or folders")
+        if not self.inputs and not self.data_dir:
+            raise ConfigError("give inputs to prepare or a prepared data_dir")
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-steps per optimizer step so that all ranks together see global_batch_tokens."""
-        tokens_per_micro_step = self.micro_batch_size * self.model.max_seq_len * world_size
-        if self.global_batch_tokens % tokens_per_micro_step:
-            raise ConfigError(
-                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size"
-                f" x max_seq_len x world_size = {tokens_per_micro_step}; change one of them")
-        return self.global_batch_tokens // tokens_per_micro_step
 
+def _require(ok: bool, key: str, value, valid: str):
+    if not ok:
+        raise ConfigError(f"{key} must be {valid}, not {value!r}")
+
+
+def _check_types(obj, prefix: str):
+    """Every field of a config dataclass holds its declared type (config files are plain Python)."""
+    for name, annotation in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(annotation):
+            continue
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        if optional:
+            if value is None:
+                continue
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        if annotation is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        elif annotation is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif typing.get_origin(annotation) is list:
+            ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        else:
+            ok = isinstance(value, annotation)
+        if not ok:
+            name_of = getattr(annotation, "__name__", str(annotation))
+            raise ConfigError(f"{prefix}{name} must be of type {name_of}{' or None' if optional else ''}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is split: micro-batches per rank per forward, and how many of them."""
+    micro_batch_size: int
+    accum_steps: int
+    global_batch_tokens: int
+    note: str  # what was adjusted from the config, for the start line; "" when nothing was
+
+
+def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """Split global_batch_tokens into world_size x accum_steps micro-batches of at most micro_batch_size.
+
+    micro_batch_size is an upper bound: the largest micro-batch that divides each rank's share of the
+    global batch is used. When the global batch is not a whole number of sequences per rank, it is
+    rounded to the nearest multiple of micro_batch_size x max_seq_len x world_size, so that full
+    micro-batches still fit (or, when it is smaller than that, of max_seq_len x world_size). Only a
+    global batch smaller than one sequence per rank is an error.
+    """
+    seq = cfg.model.max_seq_len
+    one_sequence_each = seq * world_size
+    if cfg.global_batch_tokens < one_sequence_each:
+        raise ConfigError(f"global_batch_tokens={cfg.global_batch_tokens:,} is less than one sequence per rank "
+                          f"(max_seq_len {seq} x world size {world_size} = {one_sequence_each:,}); raise it or use fewer ranks")
+    tokens, note = cfg.global_batch_tokens, ""
+    if tokens % one_sequence_each:
+        full_micro_batches = cfg.micro_batch_size * one_sequence_each
+        step = full_micro_batches if tokens >= full_micro_batches else one_sequence_each
+        tokens = round(tokens / step) * step
+        note = (f"global_batch_tokens {cfg.global_batch_tokens:,} rounded to {tokens:,}, a whole number of "
+                f"{seq}-token sequences per rank on {world_size} rank(s)")
+    per_rank = tokens // one_sequence_each
+    micro = next(m for m in range(min(cfg.micro_batch_size, per_rank), 0, -1) if per_rank % m == 0)
+    if micro != cfg.micro_batch_size:
+        note += ("; " if note else "") + f"micro_batch_size {micro} (at most {cfg.micro_batch_size}) divides the " \
+                                         f"{per_rank} sequences per rank"
+    return BatchPlan(micro, per_rank // micro, tokens, note)
+
+
+# ----------------------------------------------------------------------------- overrides
 
 def _parse_value(text: str, annotation, key: str):
     """Convert a CLI string to the field's declared type, or fail with a ConfigError."""
@@ -113,6 +192,7 @@ def _parse_value(text: str, annotation, key: str):
         if text.lower() in ("none", "null", ""):
             return None
         annotation = next(a for a in args if a is not type(None))
+    name = getattr(annotation, "__name__", str(annotation))
     try:
         if annotation is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -121,17 +201,25 @@ def _parse_value(text: str, annotation, key: str):
                 return False
             raise ValueError
         if annotation is int:
-            number = float(text.replace("_", ""))  # accepts 4e6 and 4_000_000
-            if number != int(number):
-                raise ValueError
-            return int(number)
+            digits = text.replace("_", "")
+            try:
+                return int(digits)  # exact, however large
+            except ValueError:
+                number = float(digits)  # 4e6; only while a double still holds the integer exactly
+                if not (math.isfinite(number) and number == int(number) and abs(number) <= 2**53):
+                    raise ValueError from None
+                return int(number)
         if annotation is float:
             return float(text)
         if typing.get_origin(annotation) is list:
+            if text.startswith("["):  # a JSON list, for paths that contain commas
+                items = json.loads(text)
+                if not (isinstance(items, list) and all(isinstance(item, str) for item in items)):
+                    raise ValueError
+                return items
             return [item for item in text.split(",") if item]
         return text
     except ValueError:
-        name = getattr(annotation, "__name__", str(annotation))
         raise ConfigError(f"--{key}={text}: expected a value of type {name}") from None
 
 
@@ -146,36 +234,96 @@ def valid_keys() -> list[str]:
     return train_keys + [f"model.{k}" for k in _field_types(ModelConfig)]
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Return a new config with `--key=value` overrides applied; each is checked by name and type."""
-    train_values, model_values = {}, {}
+def parse_overrides(overrides: list[str]) -> dict:
+    """`--key=value` strings -> {key: typed value} ("model.dim" for model keys), each checked by name and type."""
     train_types, model_types = _field_types(TrainConfig), _field_types(ModelConfig)
+    values = {}
     for override in overrides:
         if not override.startswith("--") or "=" not in override:
             raise ConfigError(f"cannot read {override!r}: overrides look like --key=value (e.g. --lr=1e-3)")
         key, text = override[2:].split("=", 1)
         key = key.replace("-", "_")
         if key.startswith("model.") and key[6:] in model_types:
-            model_values[key[6:]] = _parse_value(text, model_types[key[6:]], key)
+            values[key] = _parse_value(text, model_types[key[6:]], key)
         elif key in train_types and key != "model":
-            train_values[key] = _parse_value(text, train_types[key], key)
+            values[key] = _parse_value(text, train_types[key], key)
         else:
             close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see config/__init__.py for the keys"
             raise ConfigError(f"unknown config key {key!r}{hint}")
-    model = dataclasses.replace(config.model, **model_values)
-    return dataclasses.replace(config, model=model, **train_values)
+    return values
+
+
+def with_values(config: TrainConfig, values: dict) -> TrainConfig:
+    """A new config with {key: value} applied ("model.KEY" for model keys); validated as a whole."""
+    model = {k[6:]: v for k, v in values.items() if k.startswith("model.")}
+    train = {k: v for k, v in values.items() if not k.startswith("model.")}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model), **train)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a new config with `--key=value` overrides applied."""
+    return with_values(config, parse_overrides(overrides))
+
+
+def from_dict(saved: dict) -> TrainConfig:
+    """The config saved in a checkpoint (dataclasses.asdict form); keys added since take their defaults."""
+    model_keys, train_keys = _field_types(ModelConfig), _field_types(TrainConfig)
+    model = ModelConfig(**{k: v for k, v in saved.get("model", {}).items() if k in model_keys})
+    return TrainConfig(model=model, **{k: v for k, v in saved.items() if k in train_keys and k != "model"})
+
+
+def flat(config: TrainConfig) -> dict:
+    """{key: value} over valid_keys(), for comparing configs key by key."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
+    return values | {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Build the config from an optional config file, then apply the overrides."""
+    return apply_overrides(load_file(path), list(overrides))
+
+
+def load_file(path: str | None) -> TrainConfig:
+    """The config a config file defines, or the defaults when there is none."""
     if path is None:
-        config = TrainConfig()
-    else:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} not found (see config/ for examples)")
-        namespace = runpy.run_path(path)
-        config = namespace.get("config")
-        if not isinstance(config, TrainConfig):
-            raise ConfigError(f"{path} must define `config = TrainConfig(...)`")
-    return apply_overrides(config, list(overrides))
+        return TrainConfig()
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} not found (see config/ for examples)")
+    try:
+        config = runpy.run_path(path).get("config")
+    except ConfigError:
+        raise
+    except Exception as error:  # the file is plain Python: report its error in one line, with where it is
+        raise ConfigError(f"{path}: {type(error).__name__}: {error}") from None
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path} must define `config = TrainConfig(...)`")
+    return config
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# Keys a resumed run may change: they do not alter the weights learned so far, the data order or the
+# shapes in the checkpoint. The rest (model shape, data, seed, global batch, parallel mode) stays fixed.
+CHANGEABLE_ON_RESUME = {"max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+                        "adam_eps", "grad_clip", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
+                        "keep_checkpoints", "max_bad_steps", "sample_tokens", "micro_batch_size", "device", "dtype",
+                        "activation_checkpointing", "compile", "data_dir", "model.dropout", "tokenizer_memory_budget"}
+
+
+def resume_config(saved: dict, overrides: dict, out_dir: str) -> tuple[TrainConfig, dict]:
+    """The config of a resumed run: the one saved in its checkpoint, in `out_dir` (where it was found,
+    even if the folder moved), with the overrides that may change applied. Returns it and
+    {key: (old, new)} for each change, to log; an override of a fixed key that differs is an error."""
+    config = dataclasses.replace(from_dict(saved), out_dir=out_dir)
+    current = flat(config)
+    changes = {}
+    for key, value in overrides.items():
+        if key == "out_dir" or value == current[key]:
+            continue
+        if key not in CHANGEABLE_ON_RESUME:
+            raise ConfigError(f"--{key}={value} differs from the checkpoint's {current[key]!r}, and {key} cannot change"
+                              " when resuming (the run would not continue the same training); start a new run with"
+                              " another --out_dir, or resume without it")
+        changes[key] = (current[key], value)
+    return with_values(config, {key: new for key, (_, new) in changes.items()}), changes

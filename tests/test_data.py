@@ -354,7 +354,7 @@ def test_bits_per_byte_by_hand():
 
 def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer_file):
     """A model with uniform logits loses ln(V) nats on every token: bpb = n ln V / (ln 2 * bytes)."""
-    from config import TrainConfig
+    from config import TrainConfig, plan_batch
     from model import ModelConfig
     from train import Runtime, Trainer
 
@@ -362,7 +362,7 @@ def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer
     cfg = TrainConfig(model=ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, max_seq_len=32),
                       inputs=[str(tmp_path / "t.txt")], data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
                       tokenizer=str(tokenizer_file), micro_batch_size=4, global_batch_tokens=128, eval_tokens=320)
-    trainer = Trainer(cfg, Runtime(0, 0, 1, torch.device("cpu")), resume=False)
+    trainer = Trainer(cfg, plan_batch(cfg, 1), Runtime(0, 0, 1, torch.device("cpu")))
     with torch.no_grad():
         trainer.model.output.weight.zero_()
     result = trainer.evaluate()

@@ -40,7 +40,7 @@ def make_checkpoint(out_dir, train_steps=30, **model_kwargs):
             opt.step()
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"version": 1, "model": model.state_dict(), "config": {"model": dataclasses.asdict(cfg)}, "step": 0},
-               os.path.join(out_dir, "ckpt.pt"))
+               os.path.join(out_dir, "ckpt-000000.pt"))
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     return out_dir
 
@@ -222,16 +222,18 @@ def test_cli_bad_checkpoints(ckpt_dir, tmp_path, capsys):
         assert err.count("\n") == 1
         return err
     assert "checkpoint folder" in error(tmp_path / "nope") and "not found" in error(tmp_path / "nope")
-    assert "no checkpoint at" in error(tmp_path)
-    (tmp_path / "ckpt_dcp").mkdir()
+    assert "no checkpoint (ckpt-N.pt) in" in error(tmp_path)
+    (tmp_path / "ckpt-000001").mkdir()
+    for name in (".metadata", "train_state.pt"):
+        (tmp_path / "ckpt-000001" / name).write_bytes(b"")
     assert "train.py --consolidate" in error(tmp_path)
-    (tmp_path / "ckpt.pt").write_bytes(b"this is not a checkpoint")
+    (tmp_path / "ckpt-000001.pt").write_bytes(b"this is not a checkpoint")
     assert "no tokenizer at" in error(tmp_path)
     (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(ckpt_dir, "tokenizer.json"), "rb").read())
     assert "is corrupt or not a checkpoint" in error(tmp_path)
-    torch.save({"version": 1, "model": {}, "config": {"model": {"dim": 64}}}, tmp_path / "ckpt.pt")
+    torch.save({"version": 1, "model": {}, "config": {"model": {"dim": 64}}}, tmp_path / "ckpt-000001.pt")
     assert "does not match model.py" in error(tmp_path)
-    torch.save(torch.load(os.path.join(ckpt_dir, "ckpt.pt"), weights_only=True), tmp_path / "ckpt.pt")
+    torch.save(torch.load(os.path.join(ckpt_dir, "ckpt-000000.pt"), weights_only=True), tmp_path / "ckpt-000001.pt")
     (tmp_path / "tokenizer.json").write_text("{garbage")
     assert "tokenizer.json" in error(tmp_path)
 
