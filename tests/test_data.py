@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,7 +276,7 @@ def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file,
     check_prepared(out, **{**same, "tokenizer_path": str(reindented)})
 
 
-def test_the_tokenizer_trains_on_a_sample_of_the_train_split(tmp_path, monkeypatch):
+def test_the_tokenizer_trains_on_a_sample_of_the_train_split(tmp_path, monkeypatch, capsys):
     docs = [f"doc{i} " + SHAKESPEARE[i * 500:(i + 1) * 500] for i in range(100)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     seen, train = [], Tokenizer.train
@@ -286,7 +287,10 @@ def test_the_tokenizer_trains_on_a_sample_of_the_train_split(tmp_path, monkeypat
         return train(texts, vocab_size, **kwargs)
 
     monkeypatch.setattr(Tokenizer, "train", spy)
-    prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), 300, val_fraction=0.2, verbose=False)
+    prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), 300, val_fraction=0.2)
+    err, size = capsys.readouterr().err, (tmp_path / "d.jsonl").stat().st_size / 1e6
+    for stage in ("tokenizer sample", "encoding"):  # every stage ends with a progress line: MB, MB/s, ETA
+        assert re.search(rf"{stage}: [0-9.]+/{size:.1f} MB  [0-9.]+ MB/s  ETA +0s\n", err), (stage, err)
     tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
     val = {doc.split()[0] for doc in tok.decode(read_split(tmp_path / "out", "val").tolist()).split(EOT)[:-1]}
     assert len(val) > 5 and not val & {text.split()[0] for text in seen}
