@@ -303,32 +303,42 @@ class Tokenizer:
         texts = list(texts)
         if sum(map(len, texts)) < 1 << 20:
             num_workers = 1
-        return list(self.encode_stream(texts, num_workers, allowed_special))
+        return [ids.tolist() for ids in self.encode_stream(texts, num_workers, allowed_special)]
 
     def encode_stream(self, texts, num_workers=None, allowed_special="none"):
-        """Yield the encoding of each text of an iterable, in order, encoded by worker processes.
+        """Yield the encoding of each text of an iterable, in order, as an array('I') of ids.
 
-        Texts are sent in ~256K-character chunks (big enough to amortise the transfer, small
-        enough to balance the workers) and at most two chunks per worker are in flight, so memory
-        stays bounded for a corpus of any size. Spawn-safe: workers get plain data only.
+        Worker processes get the tokenizer itself (pickled by __reduce__) and texts in ~256K-
+        character chunks (big enough to amortise the transfer, small enough to balance the
+        workers); at most two chunks per worker are in flight, so memory stays bounded for a
+        corpus of any size. Each chunk comes back as one flat array and is only sliced, never
+        turned into Python ints. A worker that dies (out of memory, killed) raises
+        BrokenProcessPool at once instead of leaving the caller waiting.
         """
         encode = self.encode_ordinary if allowed_special is None else partial(self.encode, allowed_special=allowed_special)
         num_workers = os.cpu_count() if num_workers is None else num_workers
         if num_workers <= 1:
-            yield from map(encode, texts)
+            for text in texts:
+                yield array("I", encode(text))
             return
-        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
         # Workers start with this process's piece cache: a cold cache encodes ~3x slower.
         cache = self._cache if len(self._cache) <= 1 << 18 else {}
-        state = (self.pattern, self.merges, list(self.special_tokens), allowed_special, cache)
-        with multiprocessing.get_context().Pool(num_workers, _init_worker, state) as pool:
+        pool = ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(self, allowed_special, cache))
+        try:
             pending = deque()
             for chunk in _chunks(texts, 1 << 18):
-                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                pending.append(pool.submit(_encode_chunk, chunk))
                 if len(pending) >= 2 * num_workers:
-                    yield from _unpack(*pending.popleft().get())
+                    yield from _unpack(*pending.popleft().result())
             while pending:
-                yield from _unpack(*pending.popleft().get())
+                yield from _unpack(*pending.popleft().result())
+        except BrokenProcessPool:
+            raise BrokenProcessPool("an encoding worker process died (out of memory, or killed); "
+                                    "with less memory to spare, use fewer workers") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------------- decode
 
@@ -392,20 +402,24 @@ class Tokenizer:
         return cls(pattern, merges, list(specials))
 
 
-_worker_tokenizer = None  # set in each encode_batch worker process
+_worker_tokenizer = None  # set in each encode_stream worker process
 
 
-def _init_worker(pattern, merges, special_tokens, allowed_special, cache):
+def _init_worker(tokenizer, allowed_special, cache):
     global _worker_tokenizer
-    _worker_tokenizer = (Tokenizer(pattern, merges, special_tokens), allowed_special)
-    _worker_tokenizer[0]._cache = cache
+    tokenizer._cache = cache
+    _worker_tokenizer = (tokenizer, allowed_special)
 
 
 def _encode_chunk(texts):
     """Encode a list of texts; one flat array pickles far faster than a list of int lists."""
     tok, allowed_special = _worker_tokenizer
-    encoded = [tok.encode_ordinary(t) if allowed_special is None else tok.encode(t, allowed_special) for t in texts]
-    return array("I", chain.from_iterable(encoded)), [len(e) for e in encoded]
+    flat, lengths = array("I"), []
+    for text in texts:
+        ids = tok.encode_ordinary(text) if allowed_special is None else tok.encode(text, allowed_special)
+        flat.extend(ids)
+        lengths.append(len(ids))
+    return flat, lengths
 
 
 def _chunks(texts, chunk_chars):
@@ -422,7 +436,8 @@ def _chunks(texts, chunk_chars):
 
 
 def _unpack(flat, lengths):
-    flat, position = flat.tolist(), 0
+    """Slices of one flat array of ids, one per text."""
+    position = 0
     for n in lengths:
         yield flat[position:position + n]
         position += n

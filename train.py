@@ -33,7 +33,7 @@ import torch.distributed as dist
 import checkpoint
 from config import (BatchPlan, ConfigError, TrainConfig, flat, load_file, parse_overrides, plan_batch,
                     resume_config, with_values)
-from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, prepare, read_meta, token_byte_lengths
+from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, check_prepared, prepare, token_byte_lengths
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -132,27 +132,25 @@ def check_shared_files(rt: Runtime, path: Path, what: str):
 
 
 def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
-    """Prepare the corpus on first use (rank 0, while the others wait on the host group), check it
-    matches the run, and return its tokenizer."""
-    meta_path = Path(cfg.data_dir) / "meta.json"
+    """Prepare the corpus on first use (rank 0, while the others wait on the host group), or check that the
+    prepared folder was made with the run's settings; return its tokenizer."""
     failure = None
-    if rt.is_main and not meta_path.exists():
+    if rt.is_main:
+        settings = dict(vocab_size=cfg.model.vocab_size, tokenizer_path=cfg.tokenizer or None,
+                        val_fraction=cfg.val_fraction, val_max_bytes=cfg.val_max_bytes,
+                        tokenizer_max_bytes=cfg.tokenizer_max_bytes, text_field=cfg.text_field)
         try:
-            if not cfg.inputs:
-                raise DataError(f"no prepared data in {cfg.data_dir} and no inputs to prepare it from")
-            prepare(cfg.inputs, cfg.data_dir, cfg.model.vocab_size, cfg.tokenizer or None, cfg.val_fraction,
-                    cfg.tokenizer_max_bytes)
+            if (Path(cfg.data_dir) / "meta.json").exists():
+                # The bundled corpus is only a default: a data_dir prepared from other text is used as it is.
+                check_prepared(cfg.data_dir, None if cfg.inputs == TrainConfig().inputs else cfg.inputs, **settings)
+            else:  # prepares, or resumes an unfinished prepare
+                prepare(cfg.inputs, cfg.data_dir, **settings, tokenizer_memory_budget=cfg.tokenizer_memory_budget)
         except (DataError, ValueError) as error:
             failure = error
     failure = rt.broadcast(None if failure is None else str(failure))
     if failure is not None:
         raise DataError(failure)
-    check_shared_files(rt, meta_path, "prepared data")
-    meta = read_meta(cfg.data_dir)
-    if cfg.tokenizer:
-        if Tokenizer.load(cfg.tokenizer).fingerprint() != meta["tokenizer_fingerprint"]:
-            raise DataError(f"{cfg.data_dir} was prepared with another tokenizer than {cfg.tokenizer};"
-                            " prepare it again or set data_dir to a new folder")
+    check_shared_files(rt, Path(cfg.data_dir) / "meta.json", "prepared data")
     tokenizer = Tokenizer.load(Path(cfg.data_dir) / TOKENIZER_FILE)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

@@ -40,8 +40,11 @@ class TrainConfig:
     inputs: list[str] = field(default_factory=lambda: [str(PROJECT / "data" / "tinyshakespeare.txt")])
     data_dir: str = "out/data/tinyshakespeare"
     tokenizer: str = ""                 # an existing tokenizer file; "" trains one of model.vocab_size
-    val_fraction: float = 0.1           # share of the corpus held out for validation
+    val_fraction: float = 0.1           # share of the documents held out for validation, spread over the corpus
     tokenizer_max_bytes: int = 200_000_000  # tokenizer training reads at most this much text
+    val_max_bytes: int = 100_000_000    # ... but at most this much input held out (bytes on disk)
+    text_field: str = "text"            # the field of .jsonl records / column of .parquet files with the text
+    tokenizer_memory_budget: int | None = None  # bytes tokenizer training may use; None: the tokenizer's default
 
     out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
 
@@ -91,6 +94,10 @@ class TrainConfig:
         _require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "between 0 and 1")
+        _require(self.val_max_bytes >= 1, "val_max_bytes", self.val_max_bytes, "a positive number of bytes")
+        _require(self.text_field != "", "text_field", self.text_field, "the name of the field that holds the text")
+        _require(self.tokenizer_memory_budget is None or self.tokenizer_memory_budget >= 1, "tokenizer_memory_budget",
+                 self.tokenizer_memory_budget, "a positive number of bytes, or None for the tokenizer's default")
         _require(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         for key in ("beta1", "beta2"):
             _require(0 <= getattr(self, key) < 1, key, getattr(self, key), "in [0, 1)")
@@ -301,7 +308,7 @@ def load_file(path: str | None) -> TrainConfig:
 CHANGEABLE_ON_RESUME = {"max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                         "adam_eps", "grad_clip", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
                         "keep_checkpoints", "max_bad_steps", "sample_tokens", "micro_batch_size", "device", "dtype",
-                        "activation_checkpointing", "compile", "data_dir", "model.dropout"}
+                        "activation_checkpointing", "compile", "data_dir", "model.dropout", "tokenizer_memory_budget"}
 
 
 def resume_config(saved: dict, overrides: dict, out_dir: str) -> tuple[TrainConfig, dict]:

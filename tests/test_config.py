@@ -10,7 +10,7 @@ from config import (CHANGEABLE_ON_RESUME, ConfigError, TrainConfig, apply_overri
 # A value out of range for every key. A key added without an entry here fails test_every_key_rejects_a_bad_value.
 BAD_VALUES = {
     "inputs": '[""]', "data_dir": "", "tokenizer": "missing-tokenizer.json", "val_fraction": "1",
-    "tokenizer_max_bytes": "0", "out_dir": "", "micro_batch_size": "0", "global_batch_tokens": "-4096",
+    "tokenizer_max_bytes": "0", "val_max_bytes": "0", "text_field": "", "tokenizer_memory_budget": "0", "out_dir": "", "micro_batch_size": "0", "global_batch_tokens": "-4096",
     "max_steps": "inf", "lr": "-1", "min_lr_ratio": "1.5", "warmup_steps": "-1", "weight_decay": "-5",
     "beta1": "1", "beta2": "-0.1", "adam_eps": "0", "grad_clip": "-1", "eval_interval": "0", "eval_tokens": "0",
     "log_interval": "0", "ckpt_interval": "0", "keep_checkpoints": "0", "max_bad_steps": "0", "sample_tokens": "-1",

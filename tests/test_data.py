@@ -1,14 +1,22 @@
-"""data.py: preparing shards, reading them back, batches, bits per byte."""
+"""data.py: preparing shards (resumable, in place, by parts), reading them back, batches, bits per byte."""
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from array import array
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
-from data import DataError, TokenData, bits_per_byte, iter_texts, prepare, token_byte_lengths
+from data import (DataError, TokenData, bits_per_byte, check_prepared, iter_texts, merge_parts, prepare, read_meta,
+                  token_byte_lengths)
 from tokenizer import EOT, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,77 +31,320 @@ def tokenizer_file(tmp_path_factory):
 
 
 def read_split(out: Path, split: str) -> np.ndarray:
-    stream = TokenData(str(out), split)
-    return stream.window(0, stream.num_tokens)
+    """The tokens of a split, read from the shards meta.json names (paths relative to out)."""
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    shards = [np.fromfile(Path(out) / s["path"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]]
+    return np.concatenate(shards) if shards else np.zeros(0, dtype=meta["dtype"])
 
 
-def test_prepare_round_trips_documents_and_splits_at_the_tail(tmp_path, tokenizer_file):
-    docs = ["First document.\nWith two lines.\n", "第二个文档，中文。", "Third <|endoftext|> has the special text."]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.txt").write_text(docs[0])
-    (corpus / "b.jsonl").write_text("\n".join(json.dumps({"id": i, "text": d}) for i, d in enumerate(docs[1:])) + "\n")
+def expected_split(inputs, tok: Tokenizer, split: str, share: float) -> list[int]:
+    """Each document of the split encoded on its own, with EOS after it."""
+    ids, text = [], ""
+    for piece in corpus.read_documents(corpus.list_sources(inputs), share):
+        if piece.split == split:
+            text += piece.text
+            if piece.ends:
+                ids += tok.encode_ordinary(text) + [tok.eos_id]
+                text = ""
+    return ids
+
+
+def test_prepare_round_trips_documents(tmp_path, tokenizer_file):
+    docs = [f"Document {i}.\nWith two lines.\n" for i in range(30)] + ["第二个文档，中文。", "Third <|endoftext|> text."]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text(docs[0])
+    (corpus_dir / "b.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[1:])))
     out = tmp_path / "prepared"
-    meta = prepare([str(corpus)], str(out), tokenizer_path=str(tokenizer_file), val_fraction=0.3, verbose=False)
+    meta = prepare([str(corpus_dir)], str(out), tokenizer_path=str(tokenizer_file), val_fraction=0.3, verbose=False)
     tok = Tokenizer.load(out / "tokenizer.json")
     ids = np.concatenate([read_split(out, "train"), read_split(out, "val")]).tolist()
-    # every document ends with one EOT; the literal "<|endoftext|>" inside a document stays text
-    assert ids.count(tok.eos_id) == 3
-    assert tok.decode(ids) == EOT.join(docs) + EOT
-    assert meta["splits"]["val"]["documents"] >= 1 and meta["splits"]["train"]["documents"] >= 1
+    # every document ends with one EOS; the literal "<|endoftext|>" inside a document stays text
+    assert ids.count(tok.eos_id) == len(docs)
+    ends = [i for i, t in enumerate(ids) if t == tok.eos_id]
+    assert sorted(tok.decode(ids[a + 1:b]) for a, b in zip([-1] + ends, ends)) == sorted(docs)
+    assert 3 <= meta["splits"]["val"]["documents"] <= 20 and meta["splits"]["train"]["documents"] >= 10
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in docs)
-    assert meta["dtype"] == "uint16"
-    assert not list(tmp_path.glob("prepared.tmp*"))
+    assert meta["dtype"] == "uint16" and meta["splits"]["train"]["shards"] == [{"path": "train_00000.bin",
+                                                                                  "tokens": meta["splits"]["train"]["tokens"]}]
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.json", "train_00000.bin", "val_00000.bin"]
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "prepared"]
 
 
-def test_chunked_reading_gives_the_tokens_of_the_whole_file(tmp_path, tokenizer_file, monkeypatch):
+def test_a_text_file_is_encoded_as_its_documents_in_several_shards(tmp_path, tokenizer_file, monkeypatch):
     text = SHAKESPEARE[:60_000]
     (tmp_path / "play.txt").write_text(text)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(corpus, "MIN_BLOCK", 512)
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 1000)
     monkeypatch.setattr(data, "SHARD_TOKENS", 1500)  # several shards per split
-    prepare([str(tmp_path / "play.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file),
-            val_fraction=0.25, verbose=False)
+    meta = prepare([str(tmp_path / "play.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file),
+                   val_fraction=0.25, num_workers=2, verbose=False)
     tok = Tokenizer.load(tokenizer_file)
-    train, val = read_split(tmp_path / "out", "train"), read_split(tmp_path / "out", "val")
-    assert len(TokenData(str(tmp_path / "out"), "train").shards) > 3
-    assert np.concatenate([train, val]).tolist() == tok.encode_ordinary(text) + [tok.eos_id]
-    # the split falls on a line start near 75% of the bytes
-    train_text = tok.decode(train.tolist())
-    assert train_text.endswith("\n") and abs(len(train_text) / len(text) - 0.75) < 0.01
+    assert len(meta["splits"]["train"]["shards"]) > 3
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "out", split).tolist() == expected_split(tmp_path / "play.txt", tok, split, 0.25)
+    # the documents of both splits, cut at safe points, give the tokens of the whole file
+    pieces = list(corpus.read_documents(corpus.list_sources(tmp_path / "play.txt"), 0.25))
+    assert [t for p in pieces for t in tok.encode_ordinary(p.text)] == tok.encode_ordinary(text)
+    assert 0.15 < meta["splits"]["val"]["bytes"] / len(text) < 0.35
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, tokenizer_file, monkeypatch):
+def test_an_interrupted_prepare_is_not_complete_and_resumes(tmp_path, tokenizer_file, monkeypatch):
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data._ShardWriter, "write", crash)
-    with pytest.raises(KeyboardInterrupt):
-        prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
-    assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("out.tmp*"))
+    with monkeypatch.context() as patch:
+        patch.setattr(data._ShardWriter, "add", crash)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["prepare.json", "tokenizer.json"]
     with pytest.raises(DataError, match="no prepared data in .*meta.json missing"):
-        TokenData(str(tmp_path / "out"), "train")
+        read_meta(tmp_path / "out")
+    with pytest.raises(DataError, match="holds an unfinished prepare with val_fraction=0.1, not 0.2; run again with "
+                                        "the same settings to resume it, or delete .*out to start over"):
+        prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), val_fraction=0.2)
+    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
+    assert read_split(tmp_path / "out", "train").tolist() == expected_split(
+        tmp_path / "t.txt", Tokenizer.load(tokenizer_file), "train", 0.1)
+    assert not (tmp_path / "out" / "prepare.json").exists()
 
 
-def test_clear_errors(tmp_path, tokenizer_file):
+def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "corpus.txt").write_text(SHAKESPEARE[:20_000])
+    with pytest.raises(DataError, match=r"d already holds corpus.txt, which was not prepared here; choose a new"):
+        prepare([str(tmp_path / "d" / "corpus.txt")], str(tmp_path / "d"), tokenizer_path=str(tokenizer_file))
+    assert sorted(os.listdir(tmp_path / "d")) == ["corpus.txt"]
+    (tmp_path / "mount" / "lost+found").mkdir(parents=True)  # an empty volume is prepared in place
+    prepare([str(tmp_path / "d")], str(tmp_path / "mount"), tokenizer_path=str(tokenizer_file), verbose=False)
+    assert "lost+found" in os.listdir(tmp_path / "mount")
+    assert sorted(os.listdir(tmp_path)) == ["d", "mount"]
+    meta = prepare([str(tmp_path / "d")], str(tmp_path / "mount"), tokenizer_path=str(tokenizer_file), verbose=False)
+    assert meta == read_meta(tmp_path / "mount")  # already prepared with these settings: nothing to do
+    with pytest.raises(DataError, match="mount was prepared with val_fraction=0.1, not 0.3; delete"):
+        prepare([str(tmp_path / "d")], str(tmp_path / "mount"), tokenizer_path=str(tokenizer_file), val_fraction=0.3)
+
+
+def run_script(tmp_path, setup: str, argv: list[str], timeout=120) -> subprocess.CompletedProcess:
+    """Run data.main(argv) in a fresh process after `setup` (small constants, injected faults)."""
+    script = tmp_path / "run.py"
+    script.write_text(f"import os, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport corpus, data, tokenizer\n"
+                      f"data.CHECKPOINT_SECONDS = 0\ncorpus.MIN_BLOCK = corpus.MAX_BLOCK = 2048\n{setup}\n"
+                      f"data.main({argv!r})\n")
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+KILL_AT_40TH_WRITE = """
+calls, add = 0, data._ShardWriter.add
+def add_then_die(self, *args):
+    global calls
+    calls += 1
+    if calls == 40:
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, *args)
+data._ShardWriter.add = add_then_die
+data.SHARD_TOKENS = 3000
+"""
+
+
+def test_a_killed_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:150_000])
+    argv = ["--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out"), "--vocab-size", "300", "--workers", "1"]
+    killed = run_script(tmp_path, KILL_AT_40TH_WRITE, argv)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path)) == ["out", "run.py", "t.txt"]  # no temporary copies beside it
+    manifest = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert manifest["checkpoint"]["splits"]["train"]["shards"]  # work was done and is kept
+    monkeypatch.setattr(corpus, "MIN_BLOCK", 2048)
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 2048)
+    monkeypatch.setattr(data, "SHARD_TOKENS", 3000)
+    monkeypatch.setattr(Tokenizer, "train", None)  # the tokenizer trained before the kill is reused
+    monkeypatch.setattr(data, "read_documents", counting(data.read_documents))
+    meta = prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), 300, verbose=False)
+    assert data.read_documents.starts == [tuple(manifest["checkpoint"]["position"])] != [(0, 0, 0)]
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "out", split).tolist() == expected_split(tmp_path / "t.txt", tok, split, 0.1)
+    assert len(meta["splits"]["train"]["shards"]) > 10
+    shards = {s["path"] for split in meta["splits"].values() for s in split["shards"]}
+    assert set(os.listdir(tmp_path / "out")) == shards | {"meta.json", "tokenizer.json"}  # no leftovers
+
+
+def counting(read_documents):
+    def wrapper(sources, share, text_field="text", start=(0, 0, 0), *args, **kwargs):
+        wrapper.starts.append(tuple(start))
+        return read_documents(sources, share, text_field, start, *args, **kwargs)
+    wrapper.starts = []
+    return wrapper
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_prepare_resumes(tmp_path, tokenizer_file, monkeypatch):
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:100_000])
+    full = "import resource\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n" \
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))\n"
+    argv = ["--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer_file)]
+    result = run_script(tmp_path, full, argv + ["--workers", "2"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"error: cannot write to {tmp_path / 'out'} (File too large);")
+    assert "Traceback" not in result.stderr
+    monkeypatch.setattr(corpus, "MIN_BLOCK", 2048)  # as in the script
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 2048)
+    prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "out", split).tolist() == expected_split(
+            tmp_path / "t.txt", Tokenizer.load(tokenizer_file), split, 0.1)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_file):
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:100_000])
+    die = "def die(texts):\n    os.kill(os.getpid(), signal.SIGKILL)\ntokenizer._encode_chunk = die\n"
+    result = run_script(tmp_path, die, ["--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out"),
+                                        "--tokenizer", str(tokenizer_file), "--workers", "2"], timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("error: an encoding worker process died (out of memory, or killed)")
+    assert "run the same command again to resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shards_tokenizer_and_meta_are_fsynced_before_they_count(tmp_path, tokenizer_file, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    monkeypatch.setattr(data, "SHARD_TOKENS", 2000)
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:30_000])
+    meta = prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
+    out = str(tmp_path / "out")
+    shards = [f"{out}/{s['path']}" for split in meta["splits"].values() for s in split["shards"]]
+    assert set(shards + [out, f"{out}/tokenizer.json", f"{out}/meta.json.tmp"]) <= set(synced)
+    assert synced.index(f"{out}/meta.json.tmp") > max(synced.index(s) for s in shards)
+
+
+def test_parts_merged_give_the_tokens_of_one_prepare(tmp_path, tokenizer_file, monkeypatch):
+    monkeypatch.setattr(data, "SHARD_TOKENS", 5000)
+    (tmp_path / "c" / "web").mkdir(parents=True)
+    for k in range(4):
+        (tmp_path / "c" / f"book{k}.txt").write_text(SHAKESPEARE[k * 25_000:(k + 1) * 25_000])
+        (tmp_path / "c" / "web" / f"{k}.jsonl").write_text("".join(
+            json.dumps({"text": SHAKESPEARE[i:i + 700]}) + "\n" for i in range(k * 20_000, (k + 1) * 20_000, 700)))
+    inputs, tok = [str(tmp_path / "c")], str(tokenizer_file)
+    whole = prepare(inputs, str(tmp_path / "whole"), tokenizer_path=tok, verbose=False)
+    for i in range(3):
+        part = prepare(inputs, str(tmp_path / "parts"), tokenizer_path=tok, part=(i, 3), verbose=False)
+        assert part["part"] == [i, 3]
+    with pytest.raises(DataError, match="needs a given tokenizer"):
+        prepare(inputs, str(tmp_path / "parts"), 400, part=(0, 3))
+    merged = merge_parts(tmp_path / "parts", verbose=False)
+    assert merged == read_meta(tmp_path / "parts") and merged["parts"] == 3
+    assert os.listdir(tmp_path / "parts" / "part-00001") and not list((tmp_path / "parts").glob("*.bin"))
+    assert merged["splits"]["train"]["shards"][-1]["path"].startswith("part-00002/train_")
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "parts", split).tolist() == read_split(tmp_path / "whole", split).tolist()
+        for key in ("tokens", "bytes", "documents"):
+            assert merged["splits"][split][key] == whole["splits"][split][key]
+    check_prepared(tmp_path / "parts", inputs, tokenizer_path=tok, val_fraction=0.1)
+    (tmp_path / "lonely").mkdir()
+    prepare(inputs, str(tmp_path / "lonely"), tokenizer_path=tok, part=(1, 3), verbose=False)
+    with pytest.raises(DataError, match=r"missing: \[0, 2\].*--part I/3"):
+        merge_parts(tmp_path / "lonely")
+
+
+def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file, monkeypatch):
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
+    (tmp_path / "u.txt").write_text(SHAKESPEARE[40_000:80_000])
+    out, inputs = tmp_path / "out", [str(tmp_path / "t.txt")]
+    prepare(inputs, str(out), 300, val_fraction=0.1, tokenizer_max_bytes=30_000, verbose=False)
+    same = dict(inputs=inputs, vocab_size=300, val_fraction=0.1, tokenizer_max_bytes=30_000, text_field="text")
+    assert check_prepared(out, **same)["vocab_size"] == 300
+    monkeypatch.chdir(tmp_path)
+    check_prepared(out, **{**same, "inputs": ["t.txt"]})  # the same file, named relative to here
+    check_prepared(out)  # nothing to compare
+    for change, message in [({"inputs": [str(tmp_path / "u.txt")]}, r"was prepared from .*t.txt, not .*u.txt \(inputs\)"
+                             r"; delete .*out \(or choose another data folder\) to prepare it again$"),
+                            ({"inputs": ["missing.txt"]}, "input missing.txt does not exist, and .*out was prepared from"),
+                            ({"val_fraction": 0.2}, r"with val_fraction=0.1, not 0.2; .*, or set val_fraction=0.1$"),
+                            ({"vocab_size": 512}, "with vocab_size=300, not 512"),
+                            ({"tokenizer_max_bytes": 10**6}, "with tokenizer_max_bytes=30000, not 1000000"),
+                            ({"text_field": "body"}, 'with text_field="text", not "body"'),
+                            ({"tokenizer_path": str(tokenizer_file)}, "with another tokenizer than .*tokenizer.json"),
+                            ({"tokenizer_path": "nope.json"}, "tokenizer file nope.json does not exist")]:
+        with pytest.raises(DataError, match=message):
+            check_prepared(out, **{**same, **change})
+    reindented = tmp_path / "reindented.json"  # the folder's own tokenizer, saved differently: the same content
+    reindented.write_text(json.dumps(json.loads((out / "tokenizer.json").read_text()), indent=4))
+    check_prepared(out, **{**same, "tokenizer_path": str(reindented)})
+
+
+def test_the_tokenizer_trains_on_a_sample_of_the_train_split(tmp_path, monkeypatch, capsys):
+    docs = [f"doc{i} " + SHAKESPEARE[i * 500:(i + 1) * 500] for i in range(100)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    seen, train = [], Tokenizer.train
+
+    def spy(texts, vocab_size, **kwargs):
+        texts = list(texts)
+        seen.extend(texts)
+        return train(texts, vocab_size, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train", spy)
+    prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), 300, val_fraction=0.2)
+    err, size = capsys.readouterr().err, (tmp_path / "d.jsonl").stat().st_size / 1e6
+    for stage in ("tokenizer sample", "encoding"):  # every stage ends with a progress line: MB, MB/s, ETA
+        assert re.search(rf"{stage}: [0-9.]+/{size:.1f} MB  [0-9.]+ MB/s  ETA +0s\n", err), (stage, err)
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
+    val = {doc.split()[0] for doc in tok.decode(read_split(tmp_path / "out", "val").tolist()).split(EOT)[:-1]}
+    assert len(val) > 5 and not val & {text.split()[0] for text in seen}
+    assert len(seen) + len(val) == len(docs)
+
+
+def test_bos_goes_before_each_document_when_the_tokenizer_has_one(tmp_path, tokenizer_file, monkeypatch):
+    monkeypatch.setattr(Tokenizer, "bos_id", property(lambda self: 7))
+    docs = [f"document {i}\n" for i in range(50)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file),
+                   val_fraction=0.2, verbose=False)
+    tok = Tokenizer.load(tokenizer_file)
+    for split in ("train", "val"):
+        ids = read_split(tmp_path / "out", split).tolist()
+        assert ids.count(7) == ids.count(tok.eos_id) == meta["splits"][split]["documents"]
+        assert ids[0] == 7 and ids[-1] == tok.eos_id and all(ids[i + 1] == 7 for i, t in enumerate(ids[:-1]) if t == tok.eos_id)
+    assert meta["bos_id"] == 7
+
+
+def test_encoded_ids_stay_arrays(tokenizer_file):
+    tok = Tokenizer.load(tokenizer_file)
+    texts = [SHAKESPEARE[i:i + 5000] for i in range(0, 600_000, 5000)]
+    for workers in (1, 2):
+        encoded = list(tok.encode_stream(texts, workers, allowed_special=None))
+        assert all(type(ids) is array for ids in encoded)
+        assert [ids.tolist() for ids in encoded] == [tok.encode_ordinary(t) for t in texts]
+
+
+def test_clear_errors(tmp_path, tokenizer_file, capsys):
     with pytest.raises(DataError, match="does not exist"):
         prepare([str(tmp_path / "missing.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file))
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(DataError, match="bad.jsonl:2 is not a JSON object"):
-        prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file))
     (tmp_path / "short.txt").write_text("tiny text\nmore\n")
-    prepare([str(tmp_path / "short.txt")], str(tmp_path / "short"), tokenizer_path=str(tokenizer_file),
-            val_fraction=0.5, verbose=False)
+    with pytest.raises(DataError, match="the val split of .*short.txt is empty; add text or change val_fraction"):
+        prepare([str(tmp_path / "short.txt")], str(tmp_path / "short"), tokenizer_path=str(tokenizer_file), verbose=False)
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
+    prepare([str(tmp_path / "t.txt")], str(tmp_path / "ok"), tokenizer_path=str(tokenizer_file), verbose=False)
     with pytest.raises(DataError, match="fewer than max_seq_len"):
-        TokenData(str(tmp_path / "short"), "val").check_length(64)
-    (tmp_path / "short" / "train_00000.bin").unlink()
+        TokenData(str(tmp_path / "ok"), "val").check_length(4096)
+    (tmp_path / "ok" / "train_00000.bin").unlink()
     with pytest.raises(DataError, match="missing or empty"):
-        TokenData(str(tmp_path / "short"), "train")
-    (tmp_path / "short" / "meta.json").write_text('{"format": "llm-tokens", "vers')
+        TokenData(str(tmp_path / "ok"), "train")
+    meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
+    del meta["settings"]  # as the previous version wrote it
+    (tmp_path / "ok" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="prepared by an older version of data.py.*; delete it to prepare it again"):
+        check_prepared(tmp_path / "ok", inputs=[str(tmp_path / "t.txt")])
+    (tmp_path / "ok" / "meta.json").write_text('{"format": "llm-tokens", "vers')
     with pytest.raises(DataError, match="meta.json is corrupt or from another version"):
-        TokenData(str(tmp_path / "short"), "val")
+        TokenData(str(tmp_path / "ok"), "val")
+    with pytest.raises(SystemExit, match=r"error: --vocab-size 999 differs from the 400 tokens of .*; leave"):
+        data.main(["--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "v"), "--tokenizer",
+                   str(tokenizer_file), "--vocab-size", "999"])
+    assert not (tmp_path / "v").exists()
 
 
 def test_bits_per_byte_by_hand():
@@ -127,7 +378,7 @@ def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer
     assert result["val_bpb"] == pytest.approx(len(targets) * math.log(400) / (math.log(2) * text_bytes), rel=1e-6)
 
 
-def test_iter_texts(tmp_path):
+def test_iter_texts(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "2.txt").write_text("second")
     (tmp_path / "a.txt").write_text("first")
@@ -138,5 +389,16 @@ def test_iter_texts(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list(iter_texts(tmp_path / "nope"))
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(DataError, match='bad.jsonl:1 is not a JSON object with a "text" field'):
+    with pytest.raises(DataError, match='bad.jsonl: 1 of 1 records are bad .*no "text" field'):
         list(iter_texts(tmp_path / "bad.jsonl"))
+
+
+def test_the_data_keys_of_the_config():
+    from config import ConfigError, load_config
+
+    cfg = load_config(None, ["--val_max_bytes=1e6", "--text_field=body", "--tokenizer_memory_budget=2e9"])
+    assert (cfg.val_max_bytes, cfg.text_field, cfg.tokenizer_memory_budget) == (10**6, "body", 2 * 10**9)
+    assert load_config().tokenizer_memory_budget is None
+    for bad in ["--val_max_bytes=0", "--text_field=", "--tokenizer_memory_budget=-1"]:
+        with pytest.raises(ConfigError, match=bad[2:].split("=")[0]):
+            load_config(None, [bad])

@@ -231,6 +231,22 @@ def test_other_tokenizer_is_refused(data_dir, tmp_path, capsys):
     assert "prepared with another tokenizer" in capsys.readouterr().err
 
 
+def test_a_prepared_folder_is_used_only_with_the_settings_it_was_made_with(data_dir, tmp_path, capsys):
+    """A new corpus, a missing input or another split given for an existing data_dir must not train on
+    the old tokens in silence."""
+    (tmp_path / "other.txt").write_text("other text\n" * 1000)
+    for override, message in [(f"--inputs={tmp_path / 'other.txt'}", f"was prepared from {data_dir.parent}"),
+                              (f"--inputs={tmp_path / 'missing.txt'}", "missing.txt does not exist, and"),
+                              ("--val_fraction=0.2", "with val_fraction=0.1, not 0.2; delete"),
+                              ("--model.vocab_size=512", "with vocab_size=384, not 512; delete")]:
+        assert train.main(tiny_args(data_dir, tmp_path / "out", override, "--max_steps=1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    # the bundled corpus is only the default: a data_dir prepared from other text is used as it is
+    args = [a for a in tiny_args(data_dir, tmp_path / "out", "--max_steps=1") if not a.startswith("--inputs")]
+    assert train.main(args) == 0
+
+
 def test_7b_dry_run_prints_the_published_parameter_count():
     result = subprocess.run([sys.executable, "train.py", "config/7b.py", "--dry-run", "--world-size=8"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,665 @@
+"""Reading a corpus: files, folders and formats -> documents in bounded pieces, and the tokenizer's sample.
+
+Inputs are files and folders. A folder is walked in sorted order, following symlinked subfolders
+(each real folder once, so link cycles end) and skipping hidden names (.git, .cache). Formats go by
+name: `.jsonl` is one JSON object per line with the text in `text_field`, `.parquet` a string
+column `text_field` (needs pyarrow), anything else UTF-8 text; `.gz` and `.zst` (needs zstandard)
+may wrap any of them. A file whose first 8 KB hold a NUL byte is binary: skipped with a warning in
+a folder, an error when named. Bytes that are not UTF-8 become U+FFFD with a warning, and are an
+error above 1% of a file. Bad records (not an object, no string field, a lone surrogate escape
+such as "\\ud83d") are skipped with a `path:line` warning, and are an error above 1% of a file.
+
+Units. A record is a document. A text file is cut into blocks on a grid of B bytes (B grows with
+the file from 4 KB to 256 KB): block c runs from cut(c) to cut(c + 1), cut(c) being the first
+safe cut point in bytes [c*B, (c+1)*B), a line start if there is one. The grid makes any block
+findable by seeking, so the tokenizer's sample and the sequential reader agree on every block.
+Consecutive blocks of the same split form one document.
+
+Safe cut points. The GPT-4 split pattern never makes a piece across (1) a newline followed by a
+non-space character, (2) a non-space character followed by a space that is not a line end, or
+(3) a letter followed by punctuation or a symbol; and it has no look-behind. So text encoded in
+parts cut there gives exactly the tokens of the whole (tests/test_corpus.py checks it on generated
+text). Only where a whole window holds none of these (a long run of letters, e.g. Chinese without
+punctuation, or a base64 blob) is the cut made at a character boundary, and the tokens of the one
+piece straddling it may differ. Records longer than MAX_PIECE_CHARS are cut the same way, so the
+pieces sent to the encoder stay bounded; a record itself must fit in memory once (as one line).
+
+Val split. A share of the units, decided per file, so that a `--part` of the files gets the same
+split as a whole prepare: blocks systematically (every 1/share-th block from a phase hashed from
+the file's key, so val is spread evenly over the file), records by a hash of (key, byte offset).
+"""
+import gzip
+import hashlib
+import heapq
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import regex
+
+SNIFF_BYTES = 8192              # a NUL byte in this many leading bytes marks a binary file
+MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 18
+BLOCKS_PER_FILE = 128           # block size = file size / this, within [MIN_BLOCK, MAX_BLOCK]
+MAX_PIECE_CHARS = 1 << 18       # longer records are cut into pieces of at most this many characters
+MAX_BAD_SHARE = 0.01            # bad records or non-UTF-8 bytes above this share of a file: an error
+MAX_SAMPLE_STRIDE = 16          # stream-order files give the sample at least one unit in this many
+COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+LINE_START = regex.compile(r"(?<=\n)(?=\S)")
+WORD_CUT = regex.compile(r"(?<=\S)(?=[^\S\r\n])|(?<=\p{L})(?=[^\s\p{L}\p{N}])")
+_ESCAPED = re.compile("[\udc80-\udcff]")    # bytes that were not UTF-8, decoded with surrogateescape
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates from JSON escapes: not encodable text
+
+
+class DataError(ValueError):
+    """Missing, stale or unusable data; the message says what to do."""
+
+
+def warn(message: str):
+    Progress.end_line()
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Prints done/total MB, MB/s and ETA to stderr, at most once a second."""
+    line_open = False
+
+    def __init__(self, label: str, total_bytes: int, done: int = 0, verbose: bool = True):
+        self.label, self.total, self.first, self.verbose = label, total_bytes, done, verbose
+        self.start = self.last = time.time()
+
+    def update(self, done: int, final=False):
+        now = time.time()
+        if not self.verbose or (not final and now - self.last < 1):
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        eta = max(self.total - done, 0) / rate if rate and not final else 0
+        print(f"\r{self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB  {rate / 1e6:.2f} MB/s  ETA {eta:4.0f}s",
+              end="\n" if final else "", file=sys.stderr, flush=True)
+        Progress.line_open = not final
+
+    @classmethod
+    def end_line(cls):
+        if cls.line_open:
+            print(file=sys.stderr)
+            cls.line_open = False
+
+
+# ----------------------------------------------------------------------------- files
+
+class Source(NamedTuple):
+    """One input file. `key` (its path inside the input given) seeds its val split; `named`: given
+    by name rather than found in a folder."""
+    path: Path
+    key: str
+    size: int
+    named: bool
+
+    @property
+    def compression(self) -> str | None:
+        return COMPRESSION.get(self.path.suffix.lower())
+
+    @property
+    def format(self) -> str:
+        suffixes = [s.lower() for s in self.path.suffixes]
+        if suffixes and suffixes[-1] in COMPRESSION:
+            suffixes.pop()
+        return FORMATS.get(suffixes[-1] if suffixes else "", "text")
+
+    @property
+    def seekable(self) -> bool:
+        return self.compression is None and self.format != "parquet"
+
+
+def list_sources(paths) -> list[Source]:
+    """Expand files and folders into the files to read, in input order and sorted within folders."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    sources, seen = [], set()
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = _walk(given)
+        elif given.is_file():
+            found = [(given, given.name)]
+        else:
+            raise DataError(f"input {given} does not exist; pass text files, folders, .jsonl, .parquet, .gz or .zst files")
+        for path, key in found:
+            stat = path.stat()
+            if (stat.st_dev, stat.st_ino) in seen:  # the same file reached through a link
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            source = Source(path, key, stat.st_size, named=path == given)
+            if source.named and is_binary(source):
+                raise DataError(f"{path} is a binary file, not text; pass text, .jsonl, .parquet, .gz or .zst files")
+            sources.append(source)
+    if not sources:
+        raise DataError(f"no input files found in {', '.join(map(str, paths))}")
+    return sources
+
+
+def _walk(root: Path) -> list[tuple[Path, str]]:
+    """Files under root, depth first in name order, following links to folders once each."""
+    found, visited, stack = [], set(), [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in visited:
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        subfolders = []
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            raise DataError(f"cannot read the folder {folder} ({error.strerror})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append((Path(entry.path), prefix + entry.name + "/"))
+            elif entry.is_file():
+                found.append((Path(entry.path), prefix + entry.name))
+            elif entry.is_symlink():
+                warn(f"{entry.path} is a broken link; skipped")
+        stack.extend(reversed(subfolders))
+    found.sort(key=lambda item: item[1].split("/"))
+    return found
+
+
+def _require(module: str, package: str, what: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise DataError(f"reading {what} files needs the {package} package: pip install {package}") from None
+
+
+def _open(source: Source):
+    """(file on disk, its decompressed byte stream)."""
+    raw = open(source.path, "rb")
+    if source.compression == "gz":
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
+    if source.compression == "zst":
+        zstandard = _require("zstandard", "zstandard", ".zst")
+        return raw, io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return raw, raw
+
+
+def _read_errors() -> tuple:
+    zstandard = sys.modules.get("zstandard")
+    return (OSError, EOFError) + ((zstandard.ZstdError,) if zstandard else ())
+
+
+def is_binary(source: Source) -> bool:
+    if source.format == "parquet":
+        return False
+    raw, stream = _open(source)
+    try:
+        with raw:
+            return b"\0" in stream.read(SNIFF_BYTES)
+    except _read_errors() as error:
+        raise DataError(f"{source.path}: cannot read it ({error})") from None
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """UTF-8 text with U+FFFD for each byte that is not UTF-8, and the count of those bytes."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        return _ESCAPED.subn("\ufffd", data.decode("utf-8", "surrogateescape"))
+
+
+def _unit_hash(key: bytes, number: int) -> float:
+    digest = hashlib.blake2b(key + number.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2 ** 64
+
+
+def _phase(key: str) -> float:
+    return _unit_hash(key.encode("utf-8"), 2 ** 64 - 1)
+
+
+def _picked(index: int, share: float, phase: float) -> bool:
+    """Systematic sampling: exactly one index in every 1/share, from a phase."""
+    return math.floor((index + 1) * share + phase) > math.floor(index * share + phase)
+
+
+def val_share(sources: list[Source], val_fraction: float, val_max_bytes: int | None) -> float:
+    """The share of units held out: val_fraction, less if that would pass val_max_bytes of the
+    inputs (bytes on disk, so compressed files count compressed)."""
+    total = sum(s.size for s in sources)
+    return val_fraction if not val_max_bytes else min(val_fraction, val_max_bytes / max(total, 1))
+
+
+# ----------------------------------------------------------------------------- cutting text
+
+def block_size(source: Source) -> int:
+    return min(MAX_BLOCK, max(MIN_BLOCK, source.size // BLOCKS_PER_FILE))
+
+
+def _char_start(data, i: int, end: int) -> int:
+    """i, moved forward out of a UTF-8 character (at most 3 bytes, not past end)."""
+    for _ in range(3):
+        if i < end and 0x80 <= data[i] < 0xC0:
+            i += 1
+    return i
+
+
+def _find_cut(data, i: int, end: int) -> int:
+    """First safe cut point in data[i:end] (an index into data), preferring a line start; i moved to
+    a character start when there is none. data holds whole characters before i, and after end
+    unless it ends there."""
+    i = _char_start(data, i, end)
+    newline = data.find(b"\n", max(i - 1, 0), end - 1)
+    while newline >= 0:  # LINE_START, found on the bytes
+        after = data[newline + 1]
+        if after < 0x80 and after not in b" \t\n\r\x0b\x0c" or after >= 0x80 and not regex.match(
+                r"\s", bytes(data[newline + 1:newline + 5]).decode("utf-8", "surrogateescape")):
+            return newline + 1
+        newline = data.find(b"\n", newline + 1, end - 1)
+    back = i - 1
+    while back > 0 and i - back < 4 and 0x80 <= data[back] < 0xC0:
+        back -= 1
+    back = max(back, 0)
+    lead = len(bytes(data[back:i]).decode("utf-8", "surrogateescape"))
+    for stop in (min(end, i + 4096), end):  # a match in a short window is the first one in the long one too
+        while i < stop < len(data) and 0x80 <= data[stop] < 0xC0:
+            stop -= 1
+        text = bytes(data[back:stop]).decode("utf-8", "surrogateescape")
+        if match := WORD_CUT.search(text, lead):
+            return i + len(text[lead:match.start()].encode("utf-8", "surrogateescape"))
+    return i
+
+
+def cut_text(text: str, limit: int | None = None) -> Iterator[str]:
+    """text in pieces of limit/2..limit characters (MAX_PIECE_CHARS), cut at safe cut points where there are some."""
+    start, limit = 0, limit or MAX_PIECE_CHARS
+    while len(text) - start > limit:
+        low, high = start + limit // 2, start + limit
+        match = LINE_START.search(text, low, high) or WORD_CUT.search(text, low, high)
+        cut = match.start() if match else high
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _stream_blocks(stream, block: int, offset: int = 0, index: int = 0):
+    """Yield (index, bytes, is_last) of the blocks of a text stream, from block `index` at `offset`.
+    The buffer holds at most about three blocks, and each byte is copied a bounded number of times."""
+    buffer, start, eof = bytearray(), offset, False  # buffer[0] is at file offset `start`
+    while True:
+        grid = (index + 1) * block
+        while not eof and len(buffer) < grid + block + 4 - start:  # 4: the character at the window's end
+            chunk = stream.read(max(grid + block + 4 - start - len(buffer), 1 << 16))
+            eof = not chunk
+            buffer += chunk
+        if eof and grid >= start + len(buffer):
+            end = len(buffer)
+        else:
+            end = min(_find_cut(buffer, grid - start, min(len(buffer), grid + block - start)), len(buffer))
+        last = eof and end == len(buffer)
+        if end:
+            yield index, bytes(buffer[:end]), last
+        if last:
+            return
+        del buffer[:end]
+        start, index = start + end, index + 1
+
+
+def read_block(source: Source, index: int) -> bytes:
+    """Block `index` of a plain text file, found by seeking: the bytes the sequential reader gives."""
+    block = block_size(source)
+    base = max(0, index * block - 4)
+    with open(source.path, "rb") as f:
+        f.seek(base)
+        data = f.read((index + 2) * block + 4 - base)
+    start = 0 if index == 0 else _find_cut(data, index * block - base, min(len(data), (index + 1) * block - base))
+    grid = (index + 1) * block - base
+    end = len(data) if grid >= len(data) else _find_cut(data, grid, min(len(data), grid + block))
+    return data[start:min(end, len(data))]
+
+
+# ----------------------------------------------------------------------------- documents
+
+class Piece(NamedTuple):
+    text: str
+    nbytes: int                 # UTF-8 bytes of text
+    split: str                  # "train" or "val"
+    begins: bool                # the first piece of a document
+    ends: bool                  # the last piece of a document
+    resume: tuple | None        # on the last piece of a unit: (file, offset, unit) to resume reading after it
+    raw_done: int               # bytes on disk of the inputs read so far (compressed bytes for compressed files)
+
+
+class _FileReport:
+    """Counts a file's bad records and non-UTF-8 bytes; warns, and raises above MAX_BAD_SHARE."""
+
+    def __init__(self, source: Source, counts: dict | None, quiet: bool):
+        self.source, self.counts, self.quiet = source, counts, quiet
+        self.records = self.bad = self.invalid = self.decoded = 0
+        self.first_bad = ""
+
+    def bad_record(self, where: str, why: str):
+        self.bad += 1
+        self.first_bad = self.first_bad or f"{where}: {why}"
+        if not self.quiet and self.bad <= 3:
+            warn(f"{where}: {why}; skipped")
+
+    def decoded_bytes(self, nbytes: int, invalid: int):
+        self.decoded += nbytes
+        self.invalid += invalid
+        if self.invalid > MAX_BAD_SHARE * self.source.size and self.source.compression is None:
+            self._not_utf8()
+
+    def _not_utf8(self):
+        if not self.quiet:
+            raise DataError(f"{self.source.path} is not UTF-8 text ({self.invalid:,} bytes are not valid UTF-8);"
+                            f" convert it (e.g. iconv -f latin1 -t utf-8) or remove it")
+
+    def close(self):
+        path, bad, records = self.source.path, self.bad, self.records
+        if self.counts is not None:
+            self.counts["bad_records"] += bad
+            self.counts["invalid_utf8_bytes"] += self.invalid
+        if self.invalid > MAX_BAD_SHARE * max(self.decoded, 1):
+            self._not_utf8()
+        if bad > MAX_BAD_SHARE * records and (bad >= 10 or bad == records) and not self.quiet:
+            raise DataError(f"{path}: {bad:,} of {records:,} records are bad (first: {self.first_bad}); "
+                            f"fix the file, or check the text field name (--text-field)")
+        if self.quiet:
+            return
+        if bad:
+            warn(f"{path}: skipped {bad:,} bad record(s) of {records:,}")
+        if self.invalid:
+            warn(f"{path}: {self.invalid:,} bytes are not valid UTF-8 and were replaced by U+FFFD")
+
+
+def _record_text(line: bytes, field: str, report: _FileReport, where: str) -> str | None:
+    """The text of one JSONL line, or None (blank line, bad record)."""
+    text, invalid = _decode(line)
+    report.decoded_bytes(len(line), invalid)
+    text = text.lstrip("\ufeff")  # a byte order mark before the first record
+    if not text.strip():
+        return None
+    report.records += 1
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return report.bad_record(where, "not valid JSON")
+    if not isinstance(record, dict):
+        return report.bad_record(where, "not a JSON object")
+    value = record.get(field)
+    if not isinstance(value, str):
+        return report.bad_record(where, f'no text: "{field}" is {json.dumps(value)[:20]}' if field in record
+                                 else f'no "{field}" field')
+    if "\\u" in text and _SURROGATE.search(value):
+        return report.bad_record(where, "a lone surrogate escape (e.g. \\ud83d), which is not text")
+    return value
+
+
+def read_documents(sources: list[Source], share: float, text_field: str = "text", start=(0, 0, 0),
+                   counts: dict | None = None, quiet: bool = False) -> Iterator[Piece]:
+    """Pieces of the documents of `sources` in order, each with its split, from `start` (a Piece's
+    resume). counts, if given, accumulates binary_files, bad_records and invalid_utf8_bytes.
+    quiet: no warnings and no errors for bad records (the tokenizer's sample)."""
+    first, offset, unit = start
+    done = sum(s.size for s in sources[:first])
+    for index in range(first, len(sources)):
+        source = sources[index]
+        if index > first:
+            offset = unit = 0
+        if offset == unit == 0 and not source.named and is_binary(source):
+            if counts is not None:
+                counts["binary_files"] += 1
+            if not quiet:
+                warn(f"{source.path} is a binary file; skipped")
+        else:
+            yield from _read_source(index, source, share, text_field, offset, unit, done, counts, quiet)
+        done += source.size
+
+
+def _read_source(index, source, share, text_field, offset, unit, done, counts, quiet):
+    report = _FileReport(source, counts, quiet)
+    if source.format == "parquet":
+        yield from _parquet_pieces(index, source, share, text_field, unit, done, report)
+        report.close()
+        return
+    raw, stream = _open(source)
+    try:
+        with raw:
+            if offset and source.seekable:
+                raw.seek(offset)
+            else:
+                _skip(stream, offset)
+            if source.format == "jsonl":
+                pieces = _jsonl_pieces(index, source, stream, raw, share, text_field, offset, unit, done, report)
+            else:
+                pieces = _text_pieces(index, source, stream, raw, share, offset, unit, done, report)
+            yield from pieces
+    except _read_errors() as error:
+        raise DataError(f"{source.path}: cannot read it ({error})") from None
+    report.close()
+
+
+def _skip(stream, count: int):
+    while count > 0 and (chunk := stream.read(min(count, 1 << 20))):
+        count -= len(chunk)
+
+
+def _text_pieces(index, source, stream, raw, share, offset, first_block, done, report):
+    phase = _phase(source.key)
+    for block, data, last in _stream_blocks(stream, block_size(source), offset, first_block):
+        offset += len(data)
+        text, invalid = _decode(data)
+        report.decoded_bytes(len(data), invalid)
+        val = _picked(block, share, phase)
+        yield Piece(text, len(data) + 2 * invalid, "val" if val else "train",
+                    block == 0 or _picked(block - 1, share, phase) != val,
+                    last or _picked(block + 1, share, phase) != val,
+                    (index, offset, block + 1), done + (raw.tell() if source.compression else offset))
+
+
+def _jsonl_pieces(index, source, stream, raw, share, field, offset, line_number, done, report):
+    key = source.key.encode("utf-8")
+    for line in stream:
+        line_number += 1
+        start, offset = offset, offset + len(line)
+        text = _record_text(line, field, report, f"{source.path}:{line_number}")
+        if text:
+            split = "val" if _unit_hash(key, start) < share else "train"
+            yield from _document(text, split, (index, offset, line_number), done + raw.tell())
+
+
+def _parquet_pieces(index, source, share, field, first_row, done, report):
+    parquet = _require("pyarrow.parquet", "pyarrow", ".parquet")
+    try:
+        file = parquet.ParquetFile(source.path)
+    except Exception as error:  # pyarrow raises its own types for a file that is not parquet
+        raise DataError(f"{source.path}: not a readable parquet file ({error})") from None
+    if field not in file.schema_arrow.names:
+        raise DataError(f"{source.path} has no column {field!r} (it has {', '.join(file.schema_arrow.names)}); "
+                        f"choose one with --text-field")
+    key, rows, row = source.key.encode("utf-8"), max(file.metadata.num_rows, 1), 0
+    for batch in file.iter_batches(batch_size=1024, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if row <= first_row:
+                continue
+            report.records += 1
+            if not isinstance(value, str):
+                report.bad_record(f"{source.path}: row {row}", f"{field} is {json.dumps(value)[:20]}")
+                continue
+            if _SURROGATE.search(value):
+                report.bad_record(f"{source.path}: row {row}", "a lone surrogate, which is not text")
+                continue
+            if value:
+                split = "val" if _unit_hash(key, row) < share else "train"
+                yield from _document(value, split, (index, 0, row), done + source.size * row // rows)
+
+
+def _document(text, split, resume, raw_done):
+    pieces = list(cut_text(text)) if len(text) > MAX_PIECE_CHARS else [text]
+    for k, piece in enumerate(pieces):
+        last = k == len(pieces) - 1
+        yield Piece(piece, len(piece.encode("utf-8")), split, k == 0, last, resume if last else None, raw_done)
+
+
+def iter_texts(paths, text_field: str = "text") -> Iterator[str]:
+    """All the text of files, folders and records, in bounded pieces, in order (both splits)."""
+    return (piece.text for piece in read_documents(list_sources(paths), 0.0, text_field))
+
+
+# ----------------------------------------------------------------------------- the tokenizer's sample
+
+def _bit_reversed(n: int, j: int) -> tuple[int, int]:
+    """The next index of range(n) in bit-reversed (van der Corput) order from position j, and the
+    position after it; (-1, j) when done. Every prefix of this order is spread over range(n)."""
+    bits = max(n - 1, 1).bit_length()
+    while j < 1 << bits:
+        index = int(format(j, f"0{bits}b")[::-1], 2)
+        j += 1
+        if index < n:
+            return index, j
+    return -1, j
+
+
+def _sample_block(source, share, text_field, j) -> tuple[list[str] | None, int]:
+    """The next block of a plain text file in bit-reversed order ([] for a val block)."""
+    index, j = _bit_reversed(-(-source.size // block_size(source)), j)
+    if index < 0:
+        return None, j
+    if _picked(index, share, _phase(source.key)):
+        return [], j
+    return [_decode(read_block(source, index))[0]], j
+
+
+def _next_line_start(f, position: int, limit: int) -> int | None:
+    """Offset of the first line start at or after `position` (> 0), or None past `limit`."""
+    f.seek(position - 1)
+    while position - 1 <= limit:
+        chunk = f.read(1 << 16)
+        if not chunk:
+            return None
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            return position + newline
+        position += len(chunk)
+    return None
+
+
+def _sample_records(source, share, text_field, j) -> tuple[list[str] | None, int]:
+    """The train records of cell `index` of a plain JSONL file: those whose line starts in it."""
+    cell = block_size(source)
+    index, j = _bit_reversed(-(-source.size // cell), j)
+    if index < 0:
+        return None, j
+    texts, key, report = [], source.key.encode("utf-8"), _FileReport(source, None, quiet=True)
+    with open(source.path, "rb") as f:
+        offset = 0 if index == 0 else _next_line_start(f, index * cell, (index + 1) * cell)
+        if offset is None:
+            return [], j
+        f.seek(offset)
+        while offset < (index + 1) * cell and (line := f.readline()):
+            text = _record_text(line, text_field, report, "")
+            if text and _unit_hash(key, offset) >= share:
+                texts += cut_text(text)
+            offset += len(line)
+    return texts, j
+
+
+def _content_size(source: Source) -> float:
+    """Bytes of text in a file, estimated for compressed ones from their first 64 KB."""
+    try:
+        if source.format == "parquet":
+            meta = _require("pyarrow.parquet", "pyarrow", ".parquet").ParquetFile(source.path).metadata
+            return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) or source.size
+        if source.compression is None:
+            return source.size
+        with open(source.path, "rb") as f:
+            head = f.read(1 << 16)
+        if source.compression == "gz":
+            inflate = zlib.decompressobj(31)
+            text = inflate.decompress(head, 1 << 24)
+            used = len(head) - len(inflate.unconsumed_tail) - len(inflate.unused_data)
+        else:
+            reader = _require("zstandard", "zstandard", ".zst").ZstdDecompressor().stream_reader(io.BytesIO(head))
+            text, used = reader.read(1 << 24), len(head)
+        return source.size * len(text) / max(used, 1)
+    except Exception:  # a damaged file: reading it later says what is wrong
+        return source.size
+
+
+def sample_texts(sources: list[Source], share: float, text_field: str = "text", expected_bytes: int | None = None,
+                 verbose: bool = False, max_open: int = 32) -> Iterator[str]:
+    """Train-split texts spread over the whole corpus, in an order of which every prefix is spread.
+
+    Files are interleaved by stride scheduling: the next unit always comes from the file whose
+    sampled bytes are the smallest fraction of its text (starting from a hashed phase), so at any
+    point every file has given text in proportion to its size. Inside a plain file, blocks (text)
+    or cells of lines (JSONL) come in bit-reversed order, which spreads every prefix over the file.
+    Compressed and parquet files cannot seek: they give units in stream order, one in every
+    `stride` (total / expected_bytes, at most MAX_SAMPLE_STRIDE), so when the sample is much
+    smaller than the corpus theirs comes from their beginning; their text is estimated from their
+    first 64 KB. The stream ends when every file is exhausted (the whole train split); a consumer
+    that needs less stops it earlier.
+    """
+    total = sum(s.size for s in sources) or 1
+    stride = max(1, min(MAX_SAMPLE_STRIDE, round(total / expected_bytes))) if expected_bytes else 1
+    heap = [(_phase(s.key) * min(1.0, block_size(s) / s.size), i, 0, s.size) for i, s in enumerate(sources) if s.size]
+    heapq.heapify(heap)
+    streams = OrderedDict()  # the open stream-order readers, least recently used first
+    progress, sampled = Progress("tokenizer sample", min(expected_bytes or total, total), verbose=verbose), 0
+    try:
+        while heap:
+            rank, i, position, size = heapq.heappop(heap)
+            source = sources[i]
+            if position == 0:
+                if not source.named and is_binary(source):
+                    continue
+                size = _content_size(source)
+            if source.seekable:
+                reader = _sample_records if source.format == "jsonl" else _sample_block
+                texts, position = reader(source, share, text_field, position)
+            else:
+                texts, position = _sample_stream(source, i, share, text_field, stride, position, streams, max_open)
+            if texts is None:
+                continue
+            nbytes = 0
+            for text in texts:
+                nbytes += len(text.encode("utf-8"))
+                yield text
+            sampled += nbytes
+            progress.update(sampled)
+            heapq.heappush(heap, (rank + nbytes / size, i, position, size))
+    finally:
+        for reader in streams.values():
+            reader.close()
+        progress.update(sampled, final=True)
+
+
+def _sample_stream(source, i, share, text_field, stride, position, streams, max_open):
+    """The next sampled unit of a stream-order file; position: 0 at first, then the resume of the
+    last unit read."""
+    if i in streams:
+        streams.move_to_end(i)
+    else:
+        streams[i] = read_documents([source], share, text_field, position or (0, 0, 0), quiet=True)
+        if len(streams) > max_open:
+            streams.popitem(last=False)[1].close()
+    texts, phase = [], int(_phase(source.key) * stride)
+    for piece in streams[i]:
+        texts.append(piece.text)
+        if piece.resume:
+            position = piece.resume
+            if piece.split == "train" and (piece.resume[2] + phase) % stride == 0:
+                return texts, position
+            texts = []
+    streams.pop(i).close()
+    return None, position

@@ -1,0 +1,267 @@
+"""corpus.py: files, folders and formats -> documents in bounded pieces; the val split; the tokenizer's sample."""
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import corpus
+from corpus import (DataError, LINE_START, WORD_CUT, cut_text, list_sources, read_block, read_documents,
+                    sample_texts, val_share)
+from tokenizer import GPT4_SPLIT_PATTERN
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text()
+split_pieces = regex.compile(GPT4_SPLIT_PATTERN).findall
+TRICKY = list("ab Z1 2\n\r\t.,!'s") + ["中文", "，", "。", "\u3000", "\xa0", "\x1c", "\x85", "\u2028", "é", "٣", "ll",
+                                      "  ", "\r\n", "😀", " \n", "'S"]
+
+
+def pieces_of(paths, share=0.0, **kwargs):
+    return list(read_documents(list_sources(paths), share, **kwargs))
+
+
+def documents(pieces):
+    """(split, text) of each document, pieces joined."""
+    docs, current = [], []
+    for piece in pieces:
+        current.append(piece.text)
+        if piece.ends:
+            docs.append((piece.split, "".join(current)))
+            current = []
+    return docs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(TRICKY), max_size=40).map("".join))
+def test_safe_cut_points_keep_the_pieces_of_the_whole_text(text):
+    whole = split_pieces(text)
+    for pattern in (LINE_START, WORD_CUT):
+        for match in pattern.finditer(text):
+            cut = match.start()
+            assert split_pieces(text[:cut]) + split_pieces(text[cut:]) == whole, (text, cut)
+    parts = list(cut_text(text, limit=6))
+    assert "".join(parts) == text and all(len(p) <= 6 for p in parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(TRICKY), min_size=1, max_size=40).map("".join), st.integers(0, 200))
+def test_cut_points_found_on_bytes_are_the_first_safe_ones(text, at):
+    raw = text.encode()
+    i = min(at, len(raw))
+    start = corpus._char_start(raw, i, len(raw))
+    k = len(raw[:start].decode())  # the character index of the aligned start
+    match = LINE_START.search(text, k) or WORD_CUT.search(text, k)
+    assert corpus._find_cut(raw, i, len(raw)) == (len(text[:match.start()].encode()) if match else start)
+
+
+@pytest.mark.parametrize("kind", ["single line", "CR line ends", "lines start with a space", "chinese, no newline"])
+def test_text_without_line_starts_is_cut_in_bounded_pieces_with_the_same_tokens(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
+    words = SHAKESPEARE[:60_000].split()
+    text = {"single line": " ".join(words),
+            "CR line ends": SHAKESPEARE[:60_000].replace("\n", "\r"),
+            "lines start with a space": "".join(f" = {line} =\n" for line in SHAKESPEARE[:60_000].splitlines()),
+            "chinese, no newline": "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张" * 2000}[kind]
+    (tmp_path / "t.txt").write_text(text, newline="")
+    pieces = pieces_of(tmp_path / "t.txt")
+    assert "".join(p.text for p in pieces) == text
+    assert len(pieces) > 10 and max(p.nbytes for p in pieces) <= 2 * 4096
+    assert [t for p in pieces for t in split_pieces(p.text)] == split_pieces(text)
+
+
+def test_a_huge_record_is_cut_into_bounded_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 1000)
+    text = " ".join(SHAKESPEARE[:50_000].split())
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    pieces = pieces_of(tmp_path / "d.jsonl")
+    assert [p.ends for p in pieces].count(True) == 2 and pieces[0].begins and not pieces[1].begins
+    assert max(len(p.text) for p in pieces) <= 1000 and len(pieces) > 50
+    assert [t for p in pieces[:-1] for t in split_pieces(p.text)] == split_pieces(text)
+
+
+def test_blocks_found_by_seeking_are_the_blocks_read_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
+    text = (SHAKESPEARE[:20_000] + "中文没有空格" * 3000 + "x" * 9000 + " leading\n" * 500 + "é\r" * 3000
+            + "\n\n" + SHAKESPEARE[:5000])
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(text.encode() + b"\xff\xfe tail")
+    source = list_sources(path)[0]
+    with open(path, "rb") as f:
+        in_order = [data for _, data, _ in corpus._stream_blocks(f, corpus.block_size(source))]
+    assert b"".join(in_order) == path.read_bytes()
+    assert [read_block(source, c) for c in range(len(in_order))] == in_order
+
+
+def write_formats(folder: Path, docs: list[str], field="text"):
+    lines = "".join(json.dumps({"id": i, field: d}) + "\n" for i, d in enumerate(docs)).encode()
+    (folder / "a.jsonl").write_bytes(lines)
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines))
+    paths = [folder / "a.jsonl", folder / "b.jsonl.gz"]
+    zstandard = pytest.importorskip("zstandard")
+    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    parquet.write_table(pyarrow.table({field: docs, "id": list(range(len(docs)))}), folder / "d.parquet",
+                        row_group_size=7)
+    return paths + [folder / "c.jsonl.zst", folder / "d.parquet"]
+
+
+def test_every_format_gives_the_documents_of_plain_jsonl(tmp_path):
+    docs = [f"document {i}: " + SHAKESPEARE[i * 300:(i + 1) * 300] for i in range(40)] + ["中文，😀"]
+    paths = write_formats(tmp_path, docs, field="body")
+    for path in paths:
+        assert [text for _, text in documents(pieces_of(path, text_field="body"))] == docs, path
+    text = "".join(docs)
+    (tmp_path / "plain.txt").write_text(text)
+    (tmp_path / "plain.txt.gz").write_bytes(gzip.compress(text.encode()))
+    for name in ("plain.txt", "plain.txt.gz"):
+        pieces = pieces_of(tmp_path / name, share=0.3)
+        assert "".join(p.text for p in pieces) == text
+    assert [p.split for p in pieces_of(tmp_path / "plain.txt", 0.3)] == [p.split for p in pieces_of(tmp_path / "plain.txt.gz", 0.3)]
+    with pytest.raises(DataError, match="no column 'text'.*--text-field"):
+        pieces_of(tmp_path / "d.parquet")
+
+
+def test_binary_files_and_text_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.txt").write_text("hello world\n" * 1000)
+    (tmp_path / "in" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 4)
+    (tmp_path / "in" / "latin1.txt").write_bytes(("café " * 10 + "\n").encode("latin-1") + b"plain\n" * 1000)
+    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
+    pieces = list(read_documents(list_sources(tmp_path / "in"), 0.0, counts=counts))
+    err = capsys.readouterr().err
+    assert "image.png is a binary file; skipped" in err
+    assert "latin1.txt: 10 bytes are not valid UTF-8 and were replaced by U+FFFD" in err
+    assert counts == {"binary_files": 1, "bad_records": 0, "invalid_utf8_bytes": 10}
+    assert "caf\ufffd " in "".join(p.text for p in pieces)
+    with pytest.raises(DataError, match="image.png is a binary file, not text"):
+        list_sources(tmp_path / "in" / "image.png")
+    (tmp_path / "mostly.txt").write_bytes("é".encode("latin-1") * 50 + b"x" * 1000)
+    with pytest.raises(DataError, match=r"mostly.txt is not UTF-8 text \(50 bytes"):
+        pieces_of(tmp_path / "mostly.txt")
+    (tmp_path / "gz.txt.gz").write_bytes(gzip.compress(b"text\n" * 10)[:-8] + b"garbage!")
+    with pytest.raises(DataError, match="gz.txt.gz: cannot read it"):
+        pieces_of(tmp_path / "gz.txt.gz")
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
+    good = [json.dumps({"text": f"record {i}"}) for i in range(500)]
+    bad = ['{"text": "\\ud83d broken emoji"}', '{"text": null}', '["a list"]', "not json", '{"txt": "x"}']
+    lines = good[:100] + bad + good[100:]
+    (tmp_path / "web.jsonl").write_text("\n".join(lines) + "\n")
+    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
+    docs = documents(read_documents(list_sources(tmp_path / "web.jsonl"), 0.0, counts=counts))
+    assert [text for _, text in docs] == [f"record {i}" for i in range(500)]
+    err = capsys.readouterr().err
+    assert "web.jsonl:101: a lone surrogate escape" in err and "web.jsonl:102: no text" in err
+    assert "skipped 5 bad record(s) of 505" in err and counts["bad_records"] == 5
+    (tmp_path / "mostly_bad.jsonl").write_text("\n".join(good[:100] + bad * 3) + "\n")
+    with pytest.raises(DataError, match=r"mostly_bad.jsonl: 15 of 115 records are bad \(first: .*:101"):
+        pieces_of(tmp_path / "mostly_bad.jsonl")
+    with pytest.raises(DataError, match=r"505 of 505 records are bad .*no \"body\" field.*--text-field"):
+        pieces_of(tmp_path / "web.jsonl", text_field="body")
+
+
+def test_folders_follow_links_once_and_skip_hidden_parts(tmp_path):
+    root, other = tmp_path / "corpus", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    other.mkdir()
+    (root / "a.txt").write_text("a")
+    (root / "sub" / "b.txt").write_text("b")
+    (root / ".git" / "objects" / "x").write_text("git")
+    (root / ".cache" / "y.txt").write_text("cache")
+    (root / ".hidden.txt").write_text("hidden")
+    (other / "c.txt").write_text("c")
+    os.symlink(other, root / "linked")
+    os.symlink(root, root / "sub" / "loop")  # a cycle
+    os.symlink(tmp_path / "gone", root / "broken")
+    assert [s.key for s in list_sources(root)] == ["a.txt", "linked/c.txt", "sub/b.txt"]
+
+
+def test_val_is_spread_over_every_source_and_capped(tmp_path):
+    for source in ("arxiv", "books", "wiki"):
+        (tmp_path / source).mkdir()
+        for k in range(3):
+            (tmp_path / source / f"{k}.jsonl").write_text(
+                "".join(json.dumps({"text": f"{source} {k} {i}"}) + "\n" for i in range(200)))
+    sources = list_sources(tmp_path)
+    docs = documents(read_documents(sources, 0.1))
+    for source in ("arxiv", "books", "wiki"):
+        held = [text for split, text in docs if split == "val" and text.startswith(source)]
+        assert 35 < len(held) < 85  # about 10% of its 600 documents
+    # the split of a file does not depend on the files read with it (as in --part)
+    alone = documents(read_documents(sources[4:5], 0.1))
+    assert alone == docs[800:1000]
+    total = sum(s.size for s in sources)
+    assert val_share(sources, 0.1, None) == 0.1 and val_share(sources, 0.1, total // 100) == pytest.approx(0.01, rel=0.01)
+
+
+def test_one_text_file_gets_a_val_split_spread_over_it(tmp_path):
+    pieces = pieces_of(ROOT / "data" / "tinyshakespeare.txt", share=0.1)
+    assert "".join(p.text for p in pieces) == SHAKESPEARE
+    val_bytes = [p.nbytes for p in pieces if p.split == "val"]
+    assert abs(sum(val_bytes) / len(SHAKESPEARE) - 0.1) < 0.02
+    starts, position = [], 0
+    for piece in pieces:
+        if piece.split == "val":
+            starts.append(position / len(SHAKESPEARE))
+            assert piece.begins and piece.ends and piece.text.endswith("\n")  # line-aligned, one document each
+        position += len(piece.text)
+    assert all(any(q <= s < q + 0.25 for s in starts) for q in (0, 0.25, 0.5, 0.75))
+
+
+def make_sources(tmp_path):
+    """Three sources of about 1:3:6 bytes of text (plain, JSONL, gzip); every line names its source."""
+    (tmp_path / "c").mkdir()
+    lines = [line for line in SHAKESPEARE.splitlines() if line.strip()]
+    (tmp_path / "c" / "a.txt").write_text("".join(f"A {line}\n" for line in lines[:2000]))
+    records = ("".join(f"B {i} {line}\n" for line in lines[i:i + 8]) for i in range(0, 6000, 8))
+    (tmp_path / "c" / "b.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
+    big = "".join(f"C {line}\n" for line in (lines * 2)[:12000]).encode()
+    (tmp_path / "c" / "c.txt.gz").write_bytes(gzip.compress(big, compresslevel=1))
+    return list_sources(tmp_path / "c")
+
+
+def test_the_sample_is_spread_over_files_in_proportion_in_every_prefix(tmp_path):
+    sources = make_sources(tmp_path)
+    share = 0.1
+    train = {text for split, text in documents(read_documents(sources, share)) if split == "train"}
+    val = {text for split, text in documents(read_documents(sources, share)) if split == "val"}
+    sample = list(sample_texts(sources, share))
+    lines = [line for text in sample for line in text.splitlines()]
+    assert not any(text in val for text in sample)  # the tokenizer trains on the train split only
+    assert sorted(lines) == sorted(line for text in train for line in text.splitlines())  # all of it, once
+    sizes = {"A": 0, "B": 0, "C": 0}
+    for text in train:
+        sizes[text[0]] += len(text)
+    total, got, checks = sum(sizes.values()), {"A": 0, "B": 0, "C": 0}, [0.1, 0.25, 0.5]
+    for text in sample:  # every prefix of the stream, in bytes, holds each source in proportion
+        for line in text.splitlines(keepends=True):
+            got[line[0]] += len(line)
+        if checks and sum(got.values()) >= checks[0] * total:
+            checks.pop(0)
+            for name in got:
+                assert got[name] / sum(got.values()) == pytest.approx(sizes[name] / total, abs=0.05), got
+
+
+def test_the_sample_of_a_plain_file_is_spread_over_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
+    (tmp_path / "t.txt").write_text(SHAKESPEARE)
+    positions = [SHAKESPEARE.index(text) / len(SHAKESPEARE) for text in list(sample_texts(list_sources(tmp_path / "t.txt"), 0.1))[:6]]
+    assert all(any(q <= p < q + 0.25 for p in positions) for q in (0, 0.25, 0.5, 0.75))
+
+
+def test_progress_counts_bytes_on_disk(tmp_path):
+    docs = ["中文的文本" * 50 for _ in range(100)]
+    (tmp_path / "escaped.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))  # \\uXXXX
+    (tmp_path / "z.txt.gz").write_bytes(gzip.compress(("text " * 20_000).encode()))
+    pieces = pieces_of(tmp_path)
+    raw = (tmp_path / "escaped.jsonl").stat().st_size
+    assert pieces[99].raw_done == raw and sum(p.nbytes for p in pieces[:100]) < raw / 1.5
+    assert pieces[-1].raw_done == raw + (tmp_path / "z.txt.gz").stat().st_size
