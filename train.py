@@ -1,7 +1,7 @@
 """Train a decoder language model, from a laptop CPU to many GPUs.
 
     python train.py                                   # small model on the bundled corpus, CPU minutes
-    python train.py config/7b.py --dry-run            # parameters, FLOPs and memory per GPU, no run
+    python train.py config/7b.py --dry-run [--trace]  # parameters, FLOPs and memory per GPU, no run
     torchrun --standalone --nproc_per_node=8 train.py config/7b.py
     python train.py [CONFIG] [--key=value ...] [--resume[=auto]] [--overwrite]
     python train.py --consolidate OUT_DIR             # FSDP sharded checkpoint -> OUT_DIR/ckpt-N.pt
@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import memory
 from config import (BatchPlan, ConfigError, TrainConfig, flat, load_file, parse_overrides, plan_batch,
                     resume_config, with_values)
 from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, check_prepared, prepare, token_byte_lengths
@@ -74,6 +76,14 @@ class Runtime:
     @property
     def distributed(self):
         return self.world_size > 1 or dist.is_initialized()
+
+    @functools.cached_property
+    def mesh(self):
+        """The device mesh FSDP shards over, of the run's own device type: left to itself FSDP picks the
+        machine's accelerator, and would move a --device=cpu model onto a GPU that the gloo group cannot
+        talk to. Built once, outside any fake-tensor tracing (memory.py): it reads the rank layout."""
+        from torch.distributed.device_mesh import init_device_mesh
+        return init_device_mesh(self.device.type, (self.world_size,))
 
     def barrier(self):
         if self.distributed:
@@ -172,11 +182,8 @@ def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool
         model.init_weights()
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharded:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # The run's own device type: left to itself FSDP picks the machine's accelerator, and would move
-        # a --device=cpu model onto a GPU that the gloo group cannot talk to.
-        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+        mesh = rt.mesh
         # Blocks receive the hidden state (already bf16) and the fp32 RoPE tables: casting the inputs
         # would rotate in bf16 under FSDP but in fp32 under DDP's autocast.
         block_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -206,77 +213,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-# ----------------------------------------------------------------------------- memory estimate
-
-def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
-    """Bytes per GPU for weights, gradients, AdamW state and activations (an estimate, not a bound).
-
-    fp32 master weights and gradients, two fp32 Adam moments: 16 bytes per parameter, divided by the
-    world size under FSDP (plus two all-gathered bf16 blocks in flight). Activations per token and
-    layer, in the compute dtype: q, k, v, attention output, the norm outputs and the SwiGLU
-    intermediates (~10 x dim + 4 x ffn_hidden values; the fp32 residual stream adds 8 x dim bytes);
-    with activation checkpointing only each block's fp32 input is kept, plus one block recomputed.
-    Logits take three fp32 copies (logits, softmax, gradient) per token.
-    """
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    m, n_params = cfg.model, model.num_params()
-    act_bytes = 2 if cfg.dtype == "bfloat16" or cfg.dtype == "auto" else 4
-    tokens = plan_batch(cfg, world_size).micro_batch_size * m.max_seq_len
-    ffn = model.layers[0].feed_forward.w1.out_features
-    per_layer_token = act_bytes * (10 * m.dim + 4 * ffn) + 8 * m.dim
-    if cfg.activation_checkpointing:
-        activations = tokens * (m.n_layers * 4 * m.dim + per_layer_token)
-    else:
-        activations = tokens * m.n_layers * per_layer_token
-    shards = world_size if cfg.parallel == "fsdp" else 1
-    block_params = sum(p.numel() for p in model.layers[0].parameters())
-    estimate = {
-        "weights (fp32)": 4 * n_params / shards,
-        "gradients (fp32)": 4 * n_params / shards,
-        "AdamW moments (fp32)": 8 * n_params / shards,
-        "activations": activations,
-        "logits": 12 * tokens * m.vocab_size,
-    }
-    if cfg.parallel == "fsdp":
-        estimate["gathered blocks (bf16)"] = 2 * 2 * block_params
-    estimate["total"] = sum(estimate.values())
-    # build_model initialises the whole fp32 model on every device before sharding it
-    estimate["peak at initialisation"] = 4 * n_params
-    return estimate
-
-
-def dry_run(cfg: TrainConfig, world_size: int):
-    """Build the model on the meta device and print its size, FLOPs and memory per GPU."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    n_params = model.num_params()
-    print(f"parameters: {n_params:,} ({n_params / 1e9:.2f}B; {model.num_params(exclude_embedding=True):,}"
-          " without the embedding table)")
-    print(f"training FLOPs per token: {model.flops_per_token():,} (context {cfg.model.max_seq_len})")
-    plan = plan_batch(cfg, world_size)
-    print(f"world size {world_size}, parallel={cfg.parallel if world_size > 1 else 'none'}, micro-batch "
-          f"{plan.micro_batch_size} x {cfg.model.max_seq_len} tokens, {plan.accum_steps} accumulation steps, "
-          f"{plan.global_batch_tokens:,} tokens per step" + (f" ({plan.note})" if plan.note else ""))
-    print(f"estimated memory per GPU (activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}):")
-    for name, size in estimate_memory(cfg, world_size).items():
-        print(f"  {name:<24} {size / 2**30:8.1f} GiB")
-
-
-def check_memory_fits(cfg: TrainConfig, rt: Runtime):
-    """Stop before a CUDA run whose estimate exceeds the GPU, saying what to change."""
-    if rt.device.type != "cuda":
-        return
-    estimate = estimate_memory(cfg, rt.world_size)
-    need = max(estimate["total"], estimate["peak at initialisation"])
-    have = torch.cuda.get_device_properties(rt.device).total_memory
-    if need > have:
-        raise ConfigError(
-            f"estimated {need / 2**30:.0f} GiB per GPU but the GPU has {have / 2**30:.0f} GiB; use "
-            "--parallel=fsdp with more GPUs, a smaller --micro_batch_size, or --activation_checkpointing=true"
-            " (python train.py CONFIG --dry-run shows the breakdown)")
-
-
 # ----------------------------------------------------------------------------- the run
 
 class Trainer:
@@ -296,7 +232,7 @@ class Trainer:
         self.train_data, self.val_data = TokenData(cfg.data_dir, "train"), TokenData(cfg.data_dir, "val")
         for split in (self.train_data, self.val_data):
             split.check_length(cfg.model.max_seq_len)
-        check_memory_fits(cfg, rt)
+        memory.check_memory_fits(cfg, rt)
         self.model = build_model(cfg, rt, self.dtype, self.sharded)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
@@ -306,15 +242,21 @@ class Trainer:
             self._resume(resume_from, changes or {})
         else:
             torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank, as its data does
+        self._wrap_model()
+
+    def _wrap_model(self):
+        """DDP around the model when the ranks replicate it (FSDP shards it in build_model), then
+        torch.compile if asked; self.forward is what the steps call."""
+        rt = self.rt
         self.ddp = None
         if rt.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
             # RoPE buffers are derived from the config, never changed: broadcasting them every forward
             # is wasted traffic. Gradients as views of DDP's buckets save 4 bytes per parameter.
             self.ddp = DistributedDataParallel(self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                                               broadcast_buffers=False, gradient_as_bucket_view=True)
+                                               forward_sync_buffers=False, gradient_as_bucket_view=True)
         forward = self.ddp or self.model
-        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.forward = torch.compile(forward) if self.cfg.compile else forward
 
     def _prepare_out_dir(self, overwrite: bool):
         """Clear what an interrupted save left, and with --overwrite delete the previous run's checkpoints
@@ -608,6 +550,8 @@ def parse_args(argv):
                         help="continue from the newest checkpoint in out_dir; =auto also starts fresh when there is none")
     parser.add_argument("--overwrite", action="store_true", help="start over, deleting out_dir's checkpoints and log")
     parser.add_argument("--dry-run", action="store_true", help="print parameters, FLOPs and memory, then exit")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --dry-run: also run one training step on fake tensors and print its traced memory")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                         help="ranks assumed by --dry-run")
     parser.add_argument("--consolidate", metavar="OUT_DIR", help="gather an FSDP checkpoint into OUT_DIR/ckpt-N.pt")
@@ -673,8 +617,10 @@ def main(argv=None) -> int:
         if args.consolidate:
             print(f"wrote {checkpoint.consolidate(args.consolidate)}")
             return 0
+        if args.trace and not args.dry_run:
+            raise ConfigError("--trace goes with --dry-run (python train.py CONFIG --dry-run --trace)")
         if args.dry_run:
-            dry_run(with_values(load_file(args.config), parse_overrides(overrides)), args.world_size)
+            memory.dry_run(with_values(load_file(args.config), parse_overrides(overrides)), args.world_size, args.trace)
             return 0
         cfg, resume_from, changes = start_config(args, overrides)
         plan = plan_batch(cfg, world_size)

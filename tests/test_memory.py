@@ -1,0 +1,138 @@
+"""memory.py: the traced step against a real 2-rank run, the 7B trace against the formula, the pre-run check."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import memory
+import train
+from config import ConfigError, load_config
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Every matrix's first dimension is even, so FSDP's shards over 2 ranks need no padding: a rank holds
+# exactly half of every parameter.
+SMALL = ["--model.vocab_size=384", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+         "--model.ffn_hidden=128", "--model.max_seq_len=64", "--model.dropout=0.0", "--micro_batch_size=4",
+         "--global_batch_tokens=1024", "--parallel=fsdp"]  # 2 micro-steps per step on 2 ranks
+
+REAL_RUN = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import memory, train
+from config import from_dict
+dist.init_process_group("gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+result = memory.traced_steps(from_dict(json.loads(sys.argv[2])), train.Runtime(rank, rank, world_size, torch.device("cpu")))
+if rank == 0:
+    print(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """The same two steps of the small FSDP config on real tensors and 2 gloo ranks, and on fake tensors."""
+    cfg = load_config(None, SMALL)
+    script = tmp_path_factory.mktemp("real") / "real_run.py"
+    script.write_text(REAL_RUN)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(ROOT), json.dumps(dataclasses.asdict(cfg))]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cfg, json.loads(result.stdout.splitlines()[-1]), memory.trace_memory(cfg, 2)
+
+
+def test_the_traced_step_holds_what_a_real_two_rank_run_holds(small_runs):
+    """Every category at the peak is the same on fake tensors and fake ranks as on real ones, and the
+    sharded weights, gradients and AdamW moments are exactly half of the model's (a scalar step count
+    per parameter tensor besides)."""
+    cfg, real, fake = small_runs
+    model = Transformer(cfg.model)
+    n_params, n_tensors = model.num_params(), len(list(model.parameters()))
+    assert real["at peak"]["Sharded Param"] == real["at peak"]["Sharded Grad"] == 4 * n_params // 2
+    assert real["at peak"]["OptState"] == 8 * n_params // 2 + 4 * n_tensors
+    assert fake["at peak"] == real["at peak"] and fake["peak"] == real["peak"]
+    assert fake["between micro-steps"] == real["between micro-steps"]
+    assert fake["peak at initialisation"] == pytest.approx(real["peak at initialisation"], abs=64)
+    assert fake["peak at initialisation"] >= 4 * n_params  # the whole fp32 model before sharding
+
+
+def test_fsdp_holds_sharded_gradients_between_micro_steps(small_runs):
+    """Issue 15 item 1: after a non-final micro-step a rank holds its shard of the fp32 gradient,
+    4 x n_params / 2 bytes; skipping the reduce-scatter (set_requires_gradient_sync(False)) would hold
+    the whole unsharded gradient, 4 x n_params, as the tracker's Temp."""
+    cfg, real, _ = small_runs
+    n_params = Transformer(cfg.model).num_params()
+    held = real["between micro-steps"]
+    assert sum(held.get(kind, 0) for kind in ("Sharded Grad", "Unsharded Grad", "Temp")) == 4 * n_params // 2
+
+
+def test_the_7b_trace_on_8_ranks_agrees_with_the_formula():
+    """config/7b.py's shapes at 2 of its 32 layers (the whole depth is in bench/bench_memory.py), FSDP2 on 8
+    fake ranks, through the command line: the traced peaks and the formula agree within 15%."""
+    result = subprocess.run([sys.executable, "train.py", "config/7b.py", "--dry-run", "--trace", "--world-size=8",
+                             "--model.n_layers=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "traced on fake tensors, 8 fake rank(s)" in out and "then one of 2; the run's 64 repeat the second)" in out
+    for category in ("Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "All Gather"):
+        assert f"  {category} " in out
+    for line in ("  total ", "  peak at initialisation "):
+        traced = [row for row in out.splitlines() if row.startswith(line) and "formula" in row]
+        assert len(traced) == 1, out
+        difference = float(traced[0].split(", ")[-1].rstrip("%)"))
+        assert abs(difference) <= 15, traced[0]
+
+
+@pytest.mark.parametrize("overrides", [["--parallel=ddp"], ["--activation_checkpointing=false", "--dtype=float32"]])
+def test_the_trace_agrees_with_the_formula_under_ddp_and_without_checkpointing(overrides):
+    cfg = load_config("config/7b.py", ["--model.n_layers=2", "--micro_batch_size=1", *overrides])
+    traced, estimate = memory.trace_memory(cfg, 8), memory.estimate_memory(cfg, 8)
+    assert estimate["total"] == pytest.approx(traced["peak"], rel=0.15)
+    assert estimate["peak at initialisation"] == pytest.approx(traced["peak at initialisation"], rel=0.15)
+
+
+def test_trace_needs_a_dry_run(capsys):
+    assert train.main(["config/7b.py", "--trace"]) == 2
+    assert "--trace goes with --dry-run" in capsys.readouterr().err
+
+
+def test_memory_estimate_scales_with_parallel_mode():
+    cfg = load_config("config/7b.py")
+    fsdp8, fsdp1 = memory.estimate_memory(cfg, 8), memory.estimate_memory(cfg, 1)
+    assert fsdp1["AdamW moments (fp32)"] == 8 * 6_738_415_616
+    assert fsdp8["AdamW moments (fp32)"] == fsdp1["AdamW moments (fp32)"] / 8
+    ddp8 = memory.estimate_memory(load_config("config/7b.py", ["--parallel=ddp"]), 8)
+    assert ddp8["weights (fp32)"] == 4 * 6_738_415_616 and ddp8["total"] > 20 * 6_738_415_616  # why 7B needs sharding
+
+    def activations(estimate):
+        return next(size for name, size in estimate.items() if name.startswith("activations"))
+    no_ckpt = memory.estimate_memory(load_config("config/7b.py", ["--activation_checkpointing=false"]), 8)
+    assert activations(no_ckpt) > 5 * activations(fsdp8)
+
+
+def test_the_pre_run_check_traces_when_it_can_and_says_which(small_runs, monkeypatch, capsys):
+    cfg, _, traced = small_runs
+    need, how = memory.memory_needed(cfg, 2, time_limit=120)
+    assert how.startswith("traced in ")
+    assert need == memory.CUDA_RESERVE + max(traced["peak"], traced["peak at initialisation"])
+    need, how = memory.memory_needed(cfg, 2, time_limit=0.01)
+    estimate = memory.estimate_memory(cfg, 2)
+    assert how == "formula; the trace took over 0.01 s"
+    assert need == memory.CUDA_RESERVE + max(estimate["total"], estimate["peak at initialisation"])
+
+    monkeypatch.setattr(memory, "memory_needed", lambda cfg, world_size: (30 * memory.GiB, "traced in 9 s"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * memory.GiB))
+    memory.check_memory_fits(cfg, train.Runtime(0, 0, 1, torch.device("cuda")))
+    assert "memory per GPU: 30.0 GiB needed (traced in 9 s), 80.0 GiB on the GPU" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=24 * memory.GiB))
+    with pytest.raises(ConfigError, match=r"a GPU needs 30 GiB \(traced in 9 s\) but has 24 GiB; use --parallel=fsdp"):
+        memory.check_memory_fits(cfg, train.Runtime(0, 0, 1, torch.device("cuda")))
