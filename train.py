@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import hf
 from config import ConfigError, TrainConfig, load_config
 from data import (TOKENIZER_FILE, DataError, TokenData, bits_per_byte, prepare, read_meta,
                   token_byte_lengths)
@@ -103,18 +104,22 @@ def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
     return tokenizer
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool) -> Transformer:
+def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool, resume: bool = False) -> Transformer:
     """The model on its device, sharded with FSDP2 when `sharded` (DDP wraps it later, in Trainer).
 
     Every rank initialises the full fp32 model from the same seed before sharding, so the starting
-    weights are the same whatever the number of ranks or the parallel mode.
+    weights are the same whatever the number of ranks or the parallel mode. With init_from (unless
+    resuming, when the checkpoint brings the weights) nothing is initialised: the model is sharded
+    while still on the meta device, then each rank allocates and reads only its own shards.
     """
+    pretrained = bool(cfg.init_from) and not resume
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device=rt.device)
-    torch.manual_seed(cfg.seed)
-    with torch.no_grad():
-        model.init_weights()
+    if not pretrained:
+        model.to_empty(device=rt.device)
+        torch.manual_seed(cfg.seed)
+        with torch.no_grad():
+            model.init_weights()
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -122,6 +127,9 @@ def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool
         for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+    if pretrained:
+        model.to_empty(device=rt.device)
+        hf.load_weights(model, cfg.init_from, verbose=rt.is_main)
     return model
 
 
@@ -232,7 +240,7 @@ class Trainer:
             split.check_length(cfg.model.max_seq_len)
         self.accum = cfg.grad_accum_steps(rt.world_size)
         check_memory_fits(cfg, rt)
-        self.model = build_model(cfg, rt, self.dtype, self.sharded)
+        self.model = build_model(cfg, rt, self.dtype, self.sharded, resume)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
         self.step, self.bad_steps = 0, 0
@@ -463,7 +471,8 @@ class Trainer:
         generator = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed)
         with self.autocast():
             ids = generate(self.model, prompt, self.cfg.sample_tokens, temperature=0.8, top_k=200, top_p=1.0,
-                           num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator)[0]
+                           num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator,
+                           vocab_size=self.tokenizer.vocab_size)[0]
         print("--- sample ---\n" + self.tokenizer.decode(ids) + "\n--------------", flush=True)
 
 
@@ -493,7 +502,7 @@ def main(argv=None) -> int:
         if args.consolidate:
             print(f"wrote {checkpoint.consolidate(args.consolidate)}")
             return 0
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, resume=args.resume)
         if args.dry_run:
             dry_run(cfg, args.world_size)
             return 0

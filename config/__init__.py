@@ -39,6 +39,8 @@ class TrainConfig:
     tokenizer_max_bytes: int = 200_000_000  # tokenizer training reads at most this much text
 
     out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
+    # a Hugging Face model folder or a run folder: start from its weights, model shape and tokenizer
+    init_from: str = ""
 
     # batch: sequences are model.max_seq_len tokens long
     micro_batch_size: int = 32          # sequences per rank per forward/backward
@@ -160,8 +162,9 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return dataclasses.replace(config, model=model, **train_values)
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Build the config from an optional config file, then apply the overrides."""
+def load_config(path: str | None = None, overrides: list[str] = (), resume: bool = False) -> TrainConfig:
+    """Build the config from an optional config file, then apply the overrides; with init_from,
+    the model comes from there (see start_from)."""
     if path is None:
         config = TrainConfig()
     else:
@@ -171,4 +174,69 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         config = namespace.get("config")
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"{path} must define `config = TrainConfig(...)`")
-    return apply_overrides(config, list(overrides))
+    model_overrides = [o for o in overrides if o.startswith("--model.")]
+    default_model = dataclasses.asdict(small_model())
+    file_values = {k: v for k, v in dataclasses.asdict(config.model).items() if v != default_model[k]}
+    config = apply_overrides(config, [o for o in overrides if not o.startswith("--model.")])
+    if not config.init_from:
+        return apply_overrides(config, model_overrides)
+    return start_from(config, {**file_values, **_model_values(model_overrides)}, resume)
+
+
+def _model_values(overrides: list[str]) -> dict:
+    """--model.KEY=VALUE overrides parsed by name and type, without building a model from them."""
+    types = _field_types(ModelConfig)
+    values = {}
+    for override in overrides:
+        key, equals, text = override[len("--model."):].partition("=")
+        key = key.replace("-", "_")
+        if not equals or key not in types:
+            apply_overrides(TrainConfig(), [override])  # raises the usual one-line error
+        values[key] = _parse_value(text, types[key], f"model.{key}")
+    return values
+
+
+# With init_from these model keys may still be set: they change how the model trains, not what its
+# weights mean. A shorter context uses a prefix of the same RoPE table; a longer one than the model
+# was trained for would need RoPE scaling, which is part of the model, so it may only shrink.
+INIT_FROM_MODEL_KEYS = ("dropout", "max_seq_len")
+
+
+def _meaning(model: ModelConfig) -> dict:
+    """The model keys with derived sizes in place of the keys that set them (n_kv_heads None and
+    n_heads are the same; multiple_of only matters through ffn_hidden; scaling knobs only when on)."""
+    values = dataclasses.asdict(model) | {"n_kv_heads": model.kv_heads, "ffn_hidden": model.hidden_dim,
+                                          "multiple_of": None}
+    if model.rope_scaling is None:
+        values.update(rope_low_freq_factor=None, rope_high_freq_factor=None, rope_original_max_seq_len=None)
+    return {k: v for k, v in values.items() if k not in INIT_FROM_MODEL_KEYS}
+
+
+def start_from(config: TrainConfig, given: dict, resume: bool) -> TrainConfig:
+    """`config` with the model of config.init_from (a Hugging Face model folder or a run folder).
+
+    `given` holds the model keys the config file or --model.* set. Those in INIT_FROM_MODEL_KEYS are
+    applied (max_seq_len at most init_from's); any other that would change the model is an error.
+    The tokenizer comes from init_from unless `tokenizer` names one. When resuming, the run's own
+    checkpoint in out_dir is read instead, so a resumed run never needs init_from again.
+    """
+    import hf
+    source = config.out_dir if resume else config.init_from
+    try:
+        pretrained = hf.pretrained_config(source)
+    except hf.HFError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    for key, value in given.items():
+        try:
+            same = _meaning(dataclasses.replace(pretrained, **{key: value})) == _meaning(pretrained)
+        except ValueError:
+            same = False
+        if not same:
+            raise ConfigError(f"model.{key}={value} contradicts {source} ({key}={getattr(pretrained, key)}): with "
+                              "init_from the model comes from there; only model.dropout and a shorter "
+                              "model.max_seq_len may be set")
+    if given.get("max_seq_len", 0) > pretrained.max_seq_len:
+        raise ConfigError(f"model.max_seq_len={given['max_seq_len']} is longer than the {pretrained.max_seq_len} "
+                          f"positions of {source} (its training context or sliding window); use at most that")
+    model = dataclasses.replace(pretrained, **{key: given[key] for key in INIT_FROM_MODEL_KEYS if key in given})
+    return dataclasses.replace(config, model=model, tokenizer=config.tokenizer or ("" if resume else config.init_from))
