@@ -659,9 +659,17 @@ def read_tiktoken(path, pattern=None, special_tokens=None, bos=None, eos=None) -
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank = base64.b64decode(token, validate=True), int(rank)
         except ValueError:  # also binascii.Error
             raise TokenizerError(f"{path}:{number}: not a tiktoken ranks line (base64 token, space, rank)") from None
+        if token in ranks or rank < 0:
+            raise TokenizerError(f"{path}:{number}: the token is given twice, or its rank {rank} is negative")
+        ranks[token] = rank
+    vocab = [None] * (max(ranks.values(), default=-1) + 1)
+    for token, rank in ranks.items():
+        if vocab[rank] is not None:
+            raise TokenizerError(f"{path}: two tokens have rank {rank}")
+        vocab[rank] = token
     config_path = path.parent / "tiktoken_config.json"
     if pattern is None and special_tokens is None:
         if config_path.is_file():
@@ -673,11 +681,6 @@ def read_tiktoken(path, pattern=None, special_tokens=None, bos=None, eos=None) -
         else:
             raise TokenizerError(f"{path}: a tiktoken ranks file of {len(ranks)} tokens, which holds no split pattern nor "
                                  f"special tokens: read it with hf.read_tiktoken(path, pattern, special_tokens) and save it")
-    vocab = [None] * (max(ranks.values(), default=-1) + 1)
-    for token, rank in ranks.items():
-        if rank < 0 or vocab[rank] is not None:
-            raise TokenizerError(f"{path}: rank {rank} is negative or given twice")
-        vocab[rank] = token
     try:
         return Tokenizer(pattern, (), special_tokens if special_tokens is not None else (), vocab=vocab, bos=bos, eos=eos)
     except TokenizerError as e:
