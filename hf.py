@@ -307,6 +307,17 @@ def open_weights(path, shapes: dict, tied: bool) -> dict:
     return _match(state["model"], shapes, lambda name: name, lambda name: tied and name == "output.weight", file)
 
 
+def check_weights(path, config: ModelConfig):
+    """Open the weight files of `path` and check their names and shapes against `config`, reading
+    only their headers: train.py does it before preparing data, which can take hours."""
+    path = Path(path)
+    if _kind(path) == "run" and _run_checkpoint(path)[0] == "dcp":
+        return  # torch.distributed.checkpoint checks them when it loads
+    with torch.device("meta"):
+        shapes = {name: param.shape for name, param in Transformer(config).named_parameters()}
+    open_weights(path, shapes, config.tie_embeddings)
+
+
 class _Progress:
     """A progress line on stderr (MB, MB/s, ETA), at most once a second."""
 

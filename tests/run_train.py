@@ -20,6 +20,9 @@ def stop_at(step: int, set_attribute=setattr):
 
 
 if __name__ == "__main__":
+    if "LOSS_CHUNK_ELEMENTS" in os.environ:  # to run the chunked loss on tiny models
+        import model
+        model.LOSS_CHUNK_ELEMENTS = int(os.environ["LOSS_CHUNK_ELEMENTS"])
     if int(os.environ.get("STOP_AT_STEP", 0)):
         stop_at(int(os.environ["STOP_AT_STEP"]))
     sys.exit(train.main(sys.argv[1:]))
