@@ -309,7 +309,7 @@ def open_weights(path, shapes: dict, tied: bool) -> dict:
 
 def check_weights(path, config: ModelConfig):
     """Open the weight files of `path` and check their names and shapes against `config`, reading
-    only their headers: train.py does it before preparing data, which can take hours."""
+    only their headers."""
     path = Path(path)
     if _kind(path) == "run" and _run_checkpoint(path)[0] == "dcp":
         return  # torch.distributed.checkpoint checks them when it loads
@@ -528,9 +528,8 @@ def _from_tokenizer_json(obj: dict, config: dict) -> Tokenizer:
         if model.get(key):
             refuse(f"BPE {key}={model[key]!r}")
     strings, merges = model["vocab"], model["merges"]
-    merges = [m.split(" ") if isinstance(m, str) else m for m in merges]
-    if not all(len(m) == 2 and m[0] in strings and m[1] in strings for m in merges):
-        bad = next(m for m in merges if not (len(m) == 2 and m[0] in strings and m[1] in strings))
+    merges = [m.split(" ") if isinstance(m, str) else m for m in merges]  # older files write "a b"
+    if bad := next((m for m in merges if not (len(m) == 2 and m[0] in strings and m[1] in strings)), None):
         raise TokenizerError(f"merge {bad!r} is not two tokens of the vocabulary")
 
     specials = {}
@@ -549,7 +548,6 @@ def _from_tokenizer_json(obj: dict, config: dict) -> Tokenizer:
     normalizers = _steps(obj.get("normalizer"), "normalizers")
     pre = _steps(obj.get("pre_tokenizer"), "pretokenizers")
     decoders = _steps(obj.get("decoder"), "decoders")
-    options = {}
     if model.get("byte_fallback"):
         options, to_bytes = _sentencepiece_style(normalizers, pre, decoders, strings, refuse)
         if model.get("ignore_merges"):
@@ -562,8 +560,8 @@ def _from_tokenizer_json(obj: dict, config: dict) -> Tokenizer:
 
     vocab = [None] * (max(strings.values(), default=-1) + 1)
     for s, i in strings.items():
-        if vocab[i] is not None:
-            raise TokenizerError(f"two tokens of the vocabulary have id {i}")
+        if type(i) is not int or i < 0 or vocab[i] is not None:
+            raise TokenizerError(f"token {s!r} has id {i!r}, which is not a free non-negative integer")
         vocab[i] = to_bytes(s)
     merges = [(strings[a], strings[b]) for a, b in merges]
     eos = next((name for name in _DOCUMENT_ENDS if name in specials), _token_name(config.get("eos_token")))

@@ -286,35 +286,13 @@ class Tokenizer:
         self.byte_tokens = list(byte_tokens)
         self._byte_ids = None if self.byte_tokens == list(range(256)) else self.byte_tokens
         fallback = set(self.byte_tokens) if symbols == "chars" else set()
-        if symbols == "chars":
-            self._chars = {}
-            for i, t in tokens:
-                text = t.decode("utf-8", "replace")
-                if i not in fallback and len(text) == 1 and text != "\ufffd":
-                    self._chars.setdefault(text, i)
-        self._whole = {t.decode("utf-8"): i for i, t in reversed(tokens) if _is_utf8(t)} if self.ignore_merges else None
+        texts = {i: t.decode("utf-8") for i, t in tokens if _is_utf8(t)}
+        if symbols == "chars":  # the characters that are tokens (the lowest id where two are the same)
+            self._chars = {text: i for i, text in reversed(texts.items()) if len(text) == 1 and i not in fallback}
+        self._whole = {text: i for i, text in reversed(texts.items())} if self.ignore_merges else None
 
-        # The merge table: (left << shift | right) -> (rank << shift | new token).
         self._shift = max(len(self.vocab), len(self.merges) + 1, 2).bit_length()
-        shift, pairs = self._shift, {}
-        if merge_rule == "ranks":
-            ranks = self.mergeable_ranks
-            for t, rank in ranks.items():
-                for k in range(1, len(t)):
-                    left, right = ranks.get(t[:k]), ranks.get(t[k:])
-                    if left is not None and right is not None:
-                        pairs[left << shift | right] = rank << shift | rank
-        else:
-            made = {t: i for i, t in reversed(tokens) if i not in fallback}  # what a merge makes
-            vocab, n = self.vocab, len(self.vocab)
-            for rank, (a, b) in enumerate(self.merges):  # as in Hugging Face, a repeated pair keeps its last rank
-                if not (type(a) is type(b) is int and 0 <= a < n and 0 <= b < n and None is not vocab[a] and None is not vocab[b]):
-                    raise TokenizerError(f"merge {rank} ({a!r}, {b!r}) names a token the vocabulary does not have")
-                new = made.get(vocab[a] + vocab[b])
-                if new is None:
-                    raise TokenizerError(f"merge {rank} ({a}, {b}) does not make a token of the vocabulary")
-                pairs[a << shift | b] = rank << shift | new
-        self._pairs = pairs
+        self._pairs = self._merge_table(tokens, fallback)
 
         self._decode_table = self.vocab + [None] * (max(ids, default=-1) + 1 - len(self.vocab))
         for s, i in self.special_tokens.items():
@@ -376,9 +354,9 @@ class Tokenizer:
         return None if self.bos is None else self.special_tokens[self.bos]
 
     def fingerprint(self) -> str:
-        """sha256 of what decides the ids (the definition), not of a file's bytes: the same
-        tokenizer re-indented, re-saved or loaded from another format has the same fingerprint.
-        Tokenizers that version 1 files can hold keep the fingerprint they always had."""
+        """sha256 of what decides the ids (the definition, bos and eos included), not of a file's
+        bytes: the same tokenizer re-indented or re-saved has the same fingerprint. Tokenizers
+        that version 1 files hold keep the fingerprint they always had."""
         if self._fits_version_1():
             content = [self.pattern, self.merges, self.special_tokens]
         else:
@@ -399,6 +377,28 @@ class Tokenizer:
                 "vocab": [None if t is None else t.decode("utf-8", "surrogateescape") for t in self.vocab],
                 "merges": self.merges if self.merge_rule == "pairs" else []}
 
+    def _merge_table(self, tokens, fallback) -> dict:
+        """(left << shift | right) -> (rank << shift | new token) for every pair that merges."""
+        shift, pairs = self._shift, {}
+        if self.merge_rule == "ranks":
+            ranks = self.mergeable_ranks
+            for token, rank in ranks.items():
+                for k in range(1, len(token)):
+                    left, right = ranks.get(token[:k]), ranks.get(token[k:])
+                    if left is not None and right is not None:
+                        pairs[left << shift | right] = rank << shift | rank
+            return pairs
+        made = {t: i for i, t in reversed(tokens) if i not in fallback}  # what a merge can make
+        vocab, n = self.vocab, len(self.vocab)
+        for rank, (a, b) in enumerate(self.merges):  # as in Hugging Face, a repeated pair keeps its last rank
+            if not (type(a) is type(b) is int and 0 <= a < n and 0 <= b < n and None is not vocab[a] and None is not vocab[b]):
+                raise TokenizerError(f"merge {rank} ({a!r}, {b!r}) names a token the vocabulary does not have")
+            new = made.get(vocab[a] + vocab[b])
+            if new is None:
+                raise TokenizerError(f"merge {rank} ({a}, {b}) does not make a token of the vocabulary")
+            pairs[a << shift | b] = rank << shift | new
+        return pairs
+
     def pair_merges(self) -> list:
         """The merges as Hugging Face's BPE takes them, (left, right, new token) in rank order: as
         given for merge rule "pairs"; for "ranks", every split of a token into two tokens, by the
@@ -409,9 +409,9 @@ class Tokenizer:
 
     def _cuts_at_line_starts(self) -> bool:
         """Whether text can be cut at SAFE_CUT and the parts encoded one by one (the later ones with
-        continuation=True) with the same ids: a split pattern never makes a piece across such a cut
-        (the patterns of LINE_SAFE_PATTERNS), or, without one, no merge can join a token that ends
-        in a newline to one that starts with something else than whitespace."""
+        continuation=True) with the same ids: one of the split patterns never makes a piece across
+        such a cut (LINE_SAFE_PATTERNS), or no merge can join a token that ends in a newline to one
+        that starts with something else than whitespace (and no whole piece is looked up)."""
         if any(p in LINE_SAFE_PATTERNS for p in self.patterns):
             return True
         if self.ignore_merges:  # a whole piece across the cut could be one token
@@ -517,9 +517,7 @@ class Tokenizer:
                     fast = tokenizers.Tokenizer.from_str(tokenizer_json(self, prefix=not continuation))
                     fast.encode_special_tokens = True  # special tokens' text is plain text here
                     self._fast[continuation] = lambda text: fast.encode(text, add_special_tokens=False).ids
-            except ImportError:
-                pass
-            except Exception:  # a pattern the Rust regex engines do not compile: Python encodes
+            except Exception:  # not installed, or a pattern the Rust regex engines do not compile: Python encodes
                 pass
         return self._fast[continuation]
 
