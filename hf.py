@@ -696,13 +696,12 @@ def read_tiktoken(path, pattern=None, special_tokens=None, bos=None, eos=None) -
         raise TokenizerError(f"{path}: {e}") from None
 
 
-def tokenizer_json(tokenizer: Tokenizer, prefix: bool = True) -> str:
+def tokenizer_json(tokenizer: Tokenizer) -> str:
     """The tokenizer as Hugging Face's tokenizer.json. Merge rule "pairs" is written as it is; rule
     "ranks" (tiktoken's) as transformers writes tiktoken files: every split of every token into two
     tokens is a merge, ordered by the token's id, then the parts' ids, with whole pieces first
     (ignore_merges); ids then equal tiktoken's unless two splits of one token could merge at once,
-    which BPE-trained vocabularies do not give (the tests check on random text). prefix=False
-    leaves out the SentencePiece prefix space (Tokenizer encodes continuations with it)."""
+    which BPE-trained vocabularies do not give (the tests check on random text)."""
     tok, bytes_level = tokenizer, tokenizer.symbols == "bytes"
     fallback = {i: b for b, i in enumerate(tok.byte_tokens)} if not bytes_level else {}
     alphabet = _byte_level_alphabet()
@@ -724,12 +723,11 @@ def tokenizer_json(tokenizer: Tokenizer, prefix: bool = True) -> str:
     else:
         if tok.patterns not in ([], [_METASPACE_SPLIT]):
             raise TokenizerError(f"a SentencePiece-style tokenizer with split patterns {tok.patterns} has no tokenizer.json form")
-        mode = tok.prefix if prefix else None
-        normalizer = None if mode != "always" else {"type": "Sequence", "normalizers": [
+        normalizer = None if tok.prefix != "always" else {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": tok.space_marker},
             {"type": "Replace", "pattern": {"String": " "}, "content": tok.space_marker}]}
-        scheme = {"unless_space": "always", "first_unless_space": "first"}.get(mode, "never")
-        pre = None if mode == "always" and not tok.patterns else {
+        scheme = {"unless_space": "always", "first_unless_space": "first"}.get(tok.prefix, "never")
+        pre = None if tok.prefix == "always" and not tok.patterns else {
             "type": "Metaspace", "replacement": tok.space_marker, "prepend_scheme": scheme, "split": bool(tok.patterns)}
         decoder = {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": tok.space_marker}, "content": " "}, {"type": "ByteFallback"},

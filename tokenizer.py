@@ -52,6 +52,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "o
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")  # the first line of a tiktoken ranks file
 _CACHE_LIMIT = 1 << 20  # pieces; the encode cache is cleared when full so data prep over GBs stays bounded
 _CACHE_PIECE_CHARS = 256  # longer pieces are not cached
+_WORDS = r" *[^ ]+| +"  # a piece starts at each space that follows something else
 
 
 class TokenizerError(ValueError):
@@ -301,14 +302,19 @@ class Tokenizer:
             self._stages = [_splitter(p) for p in self.patterns]
         except regex.error as e:
             raise TokenizerError(f"invalid split pattern ({e})") from None
+        if not self._stages and not self.ignore_merges and not self._any_merge(lambda a, b: a[-1:] != b" " == b[:1]):
+            # No merge joins a space to what comes before it, as in SentencePiece's vocabularies: a text
+            # cut before each space that follows something else encodes as the whole, in short pieces
+            # the cache holds.
+            self._stages = [_splitter(_WORDS)]
         self._args = dict(pattern=self.patterns, merges=self.merges, special_tokens=dict(self.special_tokens),
                           vocab=None if self._built_from_merges else self.vocab, merge_rule=merge_rule, symbols=symbols,
                           byte_tokens=self.byte_tokens, space_marker=space_marker, prefix=prefix,
                           ignore_merges=ignore_merges, bos=bos, eos=eos)  # what pickling sends
         self._special_re = None  # built on first use by encode()
         self.safe_cut = SAFE_CUT if self._cuts_at_line_starts() else None
-        self.accelerate = True  # use tiktoken / tokenizers when installed; False: the Python code (the reference)
-        self._fast = {}
+        self.accelerate = True  # encode with tiktoken when it can; False: the Python code (the reference)
+        self._fast = None
         self._cache = {}
 
     @classmethod
@@ -416,8 +422,12 @@ class Tokenizer:
             return True
         if self.ignore_merges:  # a whole piece across the cut could be one token
             return False
+        return not self._any_merge(lambda a, b: a.endswith(b"\n") and not b[:1].isspace())
+
+    def _any_merge(self, joins) -> bool:
+        """Whether joins(left bytes, right bytes) holds for a pair that merges."""
         shift, mask, vocab = self._shift, (1 << self._shift) - 1, self.vocab
-        return not any(vocab[key >> shift].endswith(b"\n") and not vocab[key & mask][:1].isspace() for key in self._pairs)
+        return any(joins(vocab[key >> shift], vocab[key & mask]) for key in self._pairs)
 
     # ------------------------------------------------------------------------- encode
 
@@ -476,8 +486,7 @@ class Tokenizer:
         """Encode text, treating special tokens' text as plain text. continuation=True: `text`
         continues a text cut at `safe_cut` (data.py reads big files in parts), so no SentencePiece
         prefix space goes in front of it."""
-        fast = self._fast_encoder(continuation)
-        if fast is not None:
+        if fast := self._tiktoken():
             return fast(text)
         pieces = self._pieces(text, not continuation)
         cache = self._cache
@@ -494,32 +503,23 @@ class Tokenizer:
                     del cache[piece]
         return list(chain.from_iterable(ids))
 
-    def _fast_encoder(self, continuation):
-        """tiktoken (merge rule "ranks") or Hugging Face tokenizers ("pairs") given this tokenizer,
-        if installed: the same ids (tests/test_tokenizer_formats.py checks), 5-20x faster. Text a
-        pattern does not match is kept as pieces here, dropped by tiktoken, hence the pattern's
-        extra branch that matches such text."""
-        if not self.accelerate:
+    def _tiktoken(self):
+        """tiktoken's encoder of this tokenizer (merge rule "ranks"), if tiktoken is installed: the
+        same ids (tests/test_tokenizer_formats.py checks), 5-10x faster where pieces rarely repeat
+        (Chinese). Text that the pattern does not match is kept as pieces here and dropped by
+        tiktoken, hence the pattern's extra branch that matches such text."""
+        if not self.accelerate or self.merge_rule != "ranks":
             return None
-        continuation = bool(continuation and self.prefix)  # only a prefix makes continuations differ
-        if continuation not in self._fast:
-            self._fast[continuation] = None
+        if self._fast is None:
+            self._fast = False
             try:
-                if self.merge_rule == "ranks":
-                    import tiktoken
-                    pattern = f"(?:{self.pattern})|(?s:(?!(?:{self.pattern})).)+"
-                    self._fast[continuation] = tiktoken.Encoding(
-                        f"minillama-{id(self)}", pat_str=pattern, mergeable_ranks=self.mergeable_ranks,
-                        special_tokens={}).encode_ordinary
-                else:
-                    import tokenizers
-                    from hf import tokenizer_json
-                    fast = tokenizers.Tokenizer.from_str(tokenizer_json(self, prefix=not continuation))
-                    fast.encode_special_tokens = True  # special tokens' text is plain text here
-                    self._fast[continuation] = lambda text: fast.encode(text, add_special_tokens=False).ids
-            except Exception:  # not installed, or a pattern the Rust regex engines do not compile: Python encodes
+                import tiktoken
+                pattern = f"(?:{self.pattern})|(?s:(?!(?:{self.pattern})).)+"
+                self._fast = tiktoken.Encoding(f"minillama-{id(self)}", pat_str=pattern,
+                                               mergeable_ranks=self.mergeable_ranks, special_tokens={}).encode_ordinary
+            except Exception:  # not installed, or a pattern that its regex engine does not compile
                 pass
-        return self._fast[continuation]
+        return self._fast or None
 
     def encode(self, text: str, allowed_special="none", continuation=False) -> list:
         """Encode text; special tokens named in allowed_special ("all", "none" or a set of

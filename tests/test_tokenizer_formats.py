@@ -81,13 +81,18 @@ def byte_level_json(kind):
 
 def sentencepiece_json(kind):
     """Llama 2 style (Prepend + Replace normalizer, no pre-tokenizer), and Mistral-style Metaspace
-    variants, all with <unk> <s> </s> at 0-2 and the 256 byte tokens <0x00>..<0xFF> at 3-258."""
+    variants, all with <unk> <s> </s> at 0-2 and the 256 byte tokens <0x00>..<0xFF> at 3-258.
+    Trained on words, as SentencePiece does (no merge across a space), except mistral_first_whole,
+    whose merges join words too. No newline in the training text: it is a byte token, as in Llama's."""
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always",
+                                                 split=kind != "mistral_first_whole")
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=LLAMA_SPECIALS, limit_alphabet=70, show_progress=False)
+    tok.train_from_iterator([text.replace("\n", " ") for text in TRAIN], trainer)
+    tok.pre_tokenizer = None
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=LLAMA_SPECIALS, limit_alphabet=70, show_progress=False)
-    tok.train_from_iterator([text.replace("\n", " ") for text in TRAIN], trainer)  # newlines: byte fallback, as in Llama's
     obj = json.loads(tok.to_str())
     vocab = {s: i if i < 3 else i + 256 for s, i in obj["model"]["vocab"].items()}
     obj["model"]["vocab"] = {**vocab, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
@@ -141,23 +146,23 @@ def python_encoder(tok):
 def test_hugging_face_ids(hf_files, kind):
     folder, reference = hf_files[kind]
     tok = Tokenizer.load(folder)
-    slow = python_encoder(tok)
-    assert tok._fast_encoder(False) is not None  # the accelerated path really runs
+    copy = pickle.loads(pickle.dumps(tok))  # as data.py's workers get it
+    if kind in ("llama2", "mistral_first_whole"):  # whole texts, in words where no merge joins them
+        assert len(tok._stages) == (kind == "llama2") and not tok.patterns
 
     @settings(max_examples=60, deadline=None)
     @given(texts)
     def check(text):
         expected = reference_ids(reference, text)
-        assert slow.encode_ordinary(text) == expected
-        assert tok.encode_ordinary(text) == expected
+        assert tok.encode_ordinary(text) == copy.encode_ordinary(text) == expected
         decoded = tok.decode(expected)
         if tok.space_marker is None:
             assert decoded == text
         elif "▁" not in text and (tok.prefix == "always" or not text.startswith(" ")):
             assert decoded == text  # Hugging Face reads "▁" as a space, and can't tell " x" from "x" here
     check()
-    long_text = (ZH + CORPUS[:3000]) * 3  # one long piece for SentencePiece style: thousands of merges
-    assert slow.encode_ordinary(long_text) == tok.encode_ordinary(long_text) == reference_ids(reference, long_text)
+    long_text = (ZH + CORPUS[:3000]) * 3  # mistral_first_whole: one piece, thousands of merges
+    assert tok.encode_ordinary(long_text) == reference_ids(reference, long_text)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama3", "llama2", "mistral_first_whole", "mistral_always_split"])
@@ -261,7 +266,7 @@ def test_ours_python_and_tiktoken_agree(ours):
 
 def test_cold_chinese_python_and_accelerated_agree(ours):
     text = ZH * 30 + "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(3000))  # pieces that rarely repeat
-    assert ours._fast_encoder(False) is not None
+    assert ours._tiktoken() is not None
     assert python_encoder(ours).encode_ordinary(text) == ours.encode_ordinary(text)
 
 
