@@ -234,6 +234,8 @@ class Trainer:
         self.sharded = cfg.parallel == "fsdp" and rt.distributed
         self.dtype = compute_dtype(cfg, rt.device)
         self.out_dir = Path(cfg.out_dir)
+        if cfg.init_from and not resume:  # its weight files are checked before data preparation, which can take hours
+            hf.check_weights(cfg.init_from, cfg.model)
         self.tokenizer = ensure_data(cfg, rt)
         self.train_data, self.val_data = TokenData(cfg.data_dir, "train"), TokenData(cfg.data_dir, "val")
         for split in (self.train_data, self.val_data):

@@ -239,9 +239,4 @@ def start_from(config: TrainConfig, given: dict, resume: bool) -> TrainConfig:
         raise ConfigError(f"model.max_seq_len={given['max_seq_len']} is longer than the {pretrained.max_seq_len} "
                           f"positions of {source} (its training context or sliding window); use at most that")
     model = dataclasses.replace(pretrained, **{key: given[key] for key in INIT_FROM_MODEL_KEYS if key in given})
-    if not resume:
-        try:
-            hf.check_weights(source, model)
-        except hf.HFError as e:
-            raise ConfigError(f"init_from: {e}") from None
     return dataclasses.replace(config, model=model, tokenizer=config.tokenizer or ("" if resume else config.init_from))

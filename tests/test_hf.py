@@ -401,6 +401,7 @@ def test_init_from_errors_are_one_line(folders, corpus, tmp_path, capsys):
         assert message in err and err.count("\n") == 1
     folder = copy_of(folders, tmp_path)
     (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    capsys.readouterr()
     assert train.main(train_args(folder, corpus, tmp_path / "data", tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "is truncated or not a safetensors file" in err and err.count("\n") == 1
