@@ -250,14 +250,13 @@ def test_cli_subprocess(ckpt_dir):
 # padded vocabularies and tiny temperatures (issue 18, items 3 and 7)
 
 def padded_checkpoint(ckpt_dir, folder, padding=64):
-    """The checkpoint of ckpt_dir with `padding` extra rows in the model's vocabulary (as when
-    model.vocab_size exceeds the tokenizer's), whose logits are made the largest of all."""
+    """The checkpoint of ckpt_dir with `padding` extra rows in the model's vocabulary, as when
+    model.vocab_size exceeds the tokenizer's."""
     model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
     config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + padding)
     state = model.state_dict()
     for name in ("tok_embeddings.weight", "output.weight"):
         state[name] = torch.cat([state[name], torch.randn(padding, config.dim)])
-    state["output.weight"][-padding:] = 10 * state["output.weight"][:-padding].abs().max()
     os.makedirs(folder, exist_ok=True)
     torch.save({"version": 1, "model": state, "config": {"model": dataclasses.asdict(config)}, "step": 0},
                os.path.join(folder, "ckpt.pt"))
@@ -265,12 +264,24 @@ def padded_checkpoint(ckpt_dir, folder, padding=64):
     return folder, tokenizer
 
 
-def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, capsys):
+def favour_padding(monkeypatch, tokenizer_vocab_size):
+    """Make every model's logits for ids past the tokenizer's the largest (an undertrained row can win)."""
+    forward = Transformer.forward
+
+    def padding_first(self, tokens, targets=None, start_pos=None):
+        logits, loss = forward(self, tokens, targets, start_pos)
+        if logits is not None:
+            logits[..., tokenizer_vocab_size:] += 1000
+        return logits, loss
+    monkeypatch.setattr(Transformer, "forward", padding_first)
+
+
+def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, capsys, monkeypatch):
     folder, tokenizer = padded_checkpoint(ckpt_dir, str(tmp_path))
+    favour_padding(monkeypatch, tokenizer.vocab_size)
     model, _, _ = load_checkpoint(folder, "cpu")
     prompt = tokenizer.encode("ROMEO:")
-    unmasked = generate(model, prompt, 8, temperature=0)[0]
-    assert all(t >= tokenizer.vocab_size for t in unmasked)  # the test means something: padding wins otherwise
+    assert all(t >= tokenizer.vocab_size for t in generate(model, prompt, 8, temperature=0)[0])
     for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5, top_p=0.9)):
         out = generate(model, prompt, 16, num_samples=4, generator=torch.Generator().manual_seed(0),
                        vocab_size=tokenizer.vocab_size, **kwargs)
@@ -278,6 +289,18 @@ def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, ca
     for seed in range(3):
         assert main(["--ckpt", folder, "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", str(seed)]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_final_sample_of_a_training_run_skips_padding_rows(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """train.py --tokenizer with a larger model.vocab_size, the run's closing sample (issue 18, item 3)."""
+    import train
+    favour_padding(monkeypatch, Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json")).vocab_size)
+    (tmp_path / "corpus.txt").write_text(open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read()[:30000])
+    assert train.main([f"--inputs={tmp_path / 'corpus.txt'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                       f"--tokenizer={os.path.join(ckpt_dir, 'tokenizer.json')}", "--model.vocab_size=384", "--model.dim=32",
+                       "--model.n_layers=1", "--model.n_heads=2", "--model.max_seq_len=32", "--micro_batch_size=4",
+                       "--global_batch_tokens=128", "--max_steps=1", "--eval_tokens=128", "--sample_tokens=20"]) == 0
+    assert "--- sample ---" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324, 1e-30])
