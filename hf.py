@@ -6,7 +6,7 @@ model-0000N-of-0000M.safetensors listed in model.safetensors.index.json, or pyto
 config.json to a ModelConfig for LlamaForCausalLM (Llama 2, Llama 3.x with rope_type "llama3",
 TinyLlama, SmolLM) and MistralForCausalLM, and refuses, with one line, every setting that would
 make the model compute something model.py does not (biases, another activation or RoPE scaling, a
-head_dim other than dim / n_heads, a sliding window shorter than the context, quantized weights).
+head_dim other than dim / n_heads, quantized weights); Mistral's sliding window becomes the context.
 model.py uses Hugging Face's rotate-half RoPE layout, and its parameters map one to one onto
 Hugging Face's names, so import and export rename tensors and never permute them.
 
@@ -298,8 +298,8 @@ def open_weights(path, shapes: dict, tied: bool) -> dict:
     checked against `shapes` (name -> shape of every parameter, the tied head counted once)."""
     path = Path(path)
     if _kind(path) == "hf":
-        # inv_freq: old checkpoints saved RoPE's frequencies, which config.json determines.
-        ignore = lambda name: name.endswith(".rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
+        def ignore(name):  # old checkpoints hold RoPE's frequencies, which config.json determines
+            return name.endswith(".rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
         return _match(_hf_tensors(path), shapes, hf_name, ignore, path)
     kind, file, state = _run_checkpoint(path)
     if kind == "dcp":
