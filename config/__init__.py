@@ -180,7 +180,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), resume: bool
     config = apply_overrides(config, [o for o in overrides if not o.startswith("--model.")])
     if not config.init_from:
         return apply_overrides(config, model_overrides)
-    return start_from(config, {**file_values, **_model_values(model_overrides)}, resume)
+    return start_from(config, file_values, _model_values(model_overrides), resume)
 
 
 def _model_values(overrides: list[str]) -> dict:
@@ -212,11 +212,12 @@ def _meaning(model: ModelConfig) -> dict:
     return {k: v for k, v in values.items() if k not in INIT_FROM_MODEL_KEYS}
 
 
-def start_from(config: TrainConfig, given: dict, resume: bool) -> TrainConfig:
+def start_from(config: TrainConfig, file_values: dict, cli_values: dict, resume: bool) -> TrainConfig:
     """`config` with the model of config.init_from (a Hugging Face model folder or a run folder).
 
-    `given` holds the model keys the config file or --model.* set. Those in INIT_FROM_MODEL_KEYS are
-    applied (max_seq_len at most init_from's); any other that would change the model is an error.
+    The model keys set by the config file (those that differ from the default model) and by
+    --model.* are checked: those in INIT_FROM_MODEL_KEYS are applied (max_seq_len at most
+    init_from's), and any other that would change the model is an error.
     The tokenizer comes from init_from unless `tokenizer` names one. When resuming, the run's own
     checkpoint in out_dir is read instead, so a resumed run never needs init_from again.
     """
@@ -226,15 +227,16 @@ def start_from(config: TrainConfig, given: dict, resume: bool) -> TrainConfig:
         pretrained = hf.pretrained_config(source)
     except hf.HFError as e:
         raise ConfigError(f"init_from: {e}") from None
+    given = {**file_values, **cli_values}
     for key, value in given.items():
         try:
             same = _meaning(dataclasses.replace(pretrained, **{key: value})) == _meaning(pretrained)
         except ValueError:
             same = False
         if not same:
-            raise ConfigError(f"model.{key}={value} contradicts {source} ({key}={getattr(pretrained, key)}): with "
-                              "init_from the model comes from there; only model.dropout and a shorter "
-                              "model.max_seq_len may be set")
+            origin = f"--model.{key}={value}" if key in cli_values else f"model.{key}={value} (in the config file)"
+            raise ConfigError(f"{origin} contradicts {source} ({key}={getattr(pretrained, key)}): with init_from the "
+                              "model comes from there; only model.dropout and a shorter model.max_seq_len may be set")
     if given.get("max_seq_len", 0) > pretrained.max_seq_len:
         raise ConfigError(f"model.max_seq_len={given['max_seq_len']} is longer than the {pretrained.max_seq_len} "
                           f"positions of {source} (its training context or sliding window); use at most that")

@@ -376,9 +376,9 @@ def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, corpus, t
 
 
 @pytest.mark.parametrize("override, ok, message", [
-    ("--model.dim=32", False, "model.dim=32 contradicts"),
-    ("--model.n_kv_heads=None", False, "model.n_kv_heads=None contradicts"),
-    ("--model.rope_theta=500000", False, "model.rope_theta=500000.0 contradicts"),
+    ("--model.dim=32", False, "--model.dim=32 contradicts"),
+    ("--model.n_kv_heads=None", False, "--model.n_kv_heads=None contradicts"),
+    ("--model.rope_theta=500000", False, "--model.rope_theta=500000.0 contradicts"),
     ("--model.max_seq_len=65", False, "longer than the 64 positions"),
     ("--model.n_kv_heads=2", True, None),  # the same as the folder's
     ("--model.multiple_of=64", True, None),  # irrelevant: the folder gives ffn_hidden
@@ -386,6 +386,7 @@ def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, corpus, t
 ])
 def test_model_overrides_that_contradict_init_from(folders, corpus, tmp_path, capsys, override, ok, message):
     folder, _ = folders["llama_gqa", "safetensors"]
+    capsys.readouterr()
     argv = train_args(folder, corpus, tmp_path / "data", tmp_path / "out", "--max_steps=1", "--sample_tokens=0",
                       "--eval_interval=10", override)
     if ok:
@@ -502,3 +503,20 @@ def test_import_under_torchrun_equals_one_process(corpus, tmp_path):
         losses = [r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / out) if "loss" in r or "val_loss" in r]
         assert losses == pytest.approx([r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / "single")
                                         if "loss" in r or "val_loss" in r], abs=1e-4)
+
+
+def test_model_keys_of_a_config_file_are_checked_too(folders, tmp_path):
+    from config import ConfigError, load_config
+    folder, _ = folders["llama_gqa", "safetensors"]
+    path = tmp_path / "continue.py"
+    path.write_text("from config import TrainConfig\nfrom model import ModelConfig\n"
+                    f"config = TrainConfig(init_from={str(folder)!r}, lr=1e-5, "
+                    "model=ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=96, "
+                    "max_seq_len=16, dropout=0.0))\n")
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=4 \(in the config file\) contradicts"):
+        load_config(str(path))
+    path.write_text(path.read_text().replace("n_kv_heads=4", "n_kv_heads=2"))
+    config = load_config(str(path), ["--model.dropout=0.1"])
+    assert (config.model.max_seq_len, config.model.dropout, config.lr) == (16, 0.1, 1e-5)
+    assert config.model == dataclasses.replace(hf.read_config(folder), max_seq_len=16, dropout=0.1)
+    assert config.tokenizer == str(folder)
