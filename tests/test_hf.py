@@ -481,8 +481,9 @@ def test_export_refusals(own_run, tmp_path, capsys):
 def test_import_under_torchrun_equals_one_process(corpus, tmp_path):
     """2 ranks (gloo): DDP, where every rank reads everything, and FSDP, where each reads its rows (321
     vocabulary rows split 161 + 160), the loss in chunks of 8 tokens. With a negligible lr the weights
-    after one step are the imported ones: equal to the file's (a mis-sliced shard would be off by ~1),
-    and the losses agree with one process to 1e-4 (fp32 reduction order)."""
+    after one step are the imported ones, equal to the file's; the validation losses before and after
+    and the training loss agree with one process to 1e-5 (fp32 reduction order; a mis-sliced shard of
+    these O(1) weights would move them by ~1)."""
     folder = tmp_path / "weights"
     reference = save_hf("llama3_tied", folder, vocab_size=321)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOSS_CHUNK_ELEMENTS": str(8 * 321)}
@@ -493,16 +494,16 @@ def test_import_under_torchrun_equals_one_process(corpus, tmp_path):
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "tests" / "run_train.py"), *args(parallel, f"--parallel={parallel}")],
                        cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "train.py", "--consolidate", str(tmp_path / "fsdp")], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
     want = {name: reference.state_dict()[hf.hf_name(name)] for name in checkpoint.safe_load(tmp_path / "single" / "ckpt.pt")["model"]}
-    for out in ("single", "ddp", "fsdp"):
+    for out in ("single", "ddp"):
         state = checkpoint.safe_load(tmp_path / out / "ckpt.pt")["model"]
         for name, tensor in state.items():
             torch.testing.assert_close(tensor, want[name], atol=1e-6, rtol=0, msg=f"{out}: {name}")
-        losses = [r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / out) if "loss" in r or "val_loss" in r]
-        assert losses == pytest.approx([r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / "single")
-                                        if "loss" in r or "val_loss" in r], abs=1e-4)
+    # FSDP's checkpoint is sharded; its evaluations before and after the step are the imported model's
+    for out in ("ddp", "fsdp"):
+        assert [r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / out) if "loss" in r or "val_loss" in r] \
+            == pytest.approx([r.get("loss", r.get("val_loss")) for r in log_records(tmp_path / "single")
+                              if "loss" in r or "val_loss" in r], abs=1e-5)
 
 
 def test_model_keys_of_a_config_file_are_checked_too(folders, tmp_path):
