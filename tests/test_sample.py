@@ -283,10 +283,10 @@ def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, ca
     prompt = tokenizer.encode("ROMEO:")
     assert all(t >= tokenizer.vocab_size for t in generate(model, prompt, 8, temperature=0)[0])
     for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5, top_p=0.9)):
-        out = generate(model, prompt, 16, num_samples=4, generator=torch.Generator().manual_seed(0),
+        out = generate(model, prompt, 8, num_samples=2, generator=torch.Generator().manual_seed(0),
                        vocab_size=tokenizer.vocab_size, **kwargs)
         assert all(0 <= t < tokenizer.vocab_size for row in out for t in row)
-    for seed in range(3):
+    for seed in range(2):
         assert main(["--ckpt", folder, "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", str(seed)]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
 
@@ -303,16 +303,15 @@ def test_final_sample_of_a_training_run_skips_padding_rows(ckpt_dir, tmp_path, c
     assert "--- sample ---" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324, 1e-30])
-def test_tiny_temperatures_are_greedy_and_never_overflow(loaded, temperature):
+def test_tiny_temperatures_are_greedy_and_never_overflow(loaded):
     logits = torch.tensor([[1.0, 3.0, 2.0, -float("inf")], [0.5, 0.5 + 1e-6, 0.0, 0.1]])
-    draws = sample_next(logits.expand(2, -1, -1).reshape(4, 4), temperature=temperature,
-                        generator=torch.Generator().manual_seed(0))
-    assert draws.tolist() == [1, 1, 1, 1]
-    ties = sample_next(torch.tensor([[2.0, 0.0, 2.0]]).expand(400, 3), temperature=temperature, top_k=2,
-                       generator=torch.Generator().manual_seed(0))
-    assert set(ties.tolist()) == {0, 2}  # equal logits stay equally likely
+    for temperature in (1e-45, 1e-300, 5e-324, 1e-30):
+        draws = sample_next(logits.repeat(2, 1), temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert draws.tolist() == [1, 1, 1, 1]
+        ties = sample_next(torch.tensor([[2.0, 0.0, 2.0]]).expand(400, 3), temperature=temperature, top_k=2,
+                           generator=torch.Generator().manual_seed(0))
+        assert set(ties.tolist()) == {0, 2}  # equal logits stay equally likely
     model, tokenizer = loaded
     prompt = tokenizer.encode("To be")
-    assert generate(model, prompt, 12, temperature=temperature, generator=torch.Generator().manual_seed(0)) == \
+    assert generate(model, prompt, 12, temperature=1e-45, generator=torch.Generator().manual_seed(0)) == \
         generate(model, prompt, 12, temperature=0)
