@@ -45,6 +45,10 @@ def load_checkpoint(out_dir, device="cpu"):
     if (out_dir / hf.CONFIG_FILE).is_file():
         try:
             tokenizer = Tokenizer.load(out_dir)  # before the weights, which can take a while
+            config = hf.read_config(out_dir)
+            if tokenizer.vocab_size > config.vocab_size:
+                raise SampleError(f"the tokenizer in {out_dir} has {tokenizer.vocab_size} tokens but the model only "
+                                  f"{config.vocab_size}")
             model = hf.load_model(out_dir, device, dtype)
         except ValueError as e:  # HFError, TokenizerError
             raise SampleError(_first_line(e)) from None

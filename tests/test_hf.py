@@ -29,6 +29,7 @@ from model import ModelConfig, Transformer
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 tokenizers = pytest.importorskip("tokenizers")
+transformers.utils.logging.disable_progress_bar()  # its bars on stderr would mix with the errors checked here
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:60_000]
@@ -244,6 +245,14 @@ def error(folder):
     return str(info.value)
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused(folders, tmp_path, capsys):
+    folder = copy_of(folders, tmp_path)
+    edit_config(folder, vocab_size=299)
+    assert sample.main(["--ckpt", str(folder), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "has 300 tokens but the model only 299" in err and err.count("\n") == 1
+
+
 def test_bad_weight_files_are_one_line_errors(folders, tmp_path):
     folder = copy_of(folders, tmp_path)
     (folder / "config.json").unlink()
@@ -386,7 +395,6 @@ def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, corpus, t
 ])
 def test_model_overrides_that_contradict_init_from(folders, corpus, tmp_path, capsys, override, ok, message):
     folder, _ = folders["llama_gqa", "safetensors"]
-    capsys.readouterr()
     argv = train_args(folder, corpus, tmp_path / "data", tmp_path / "out", "--max_steps=1", "--sample_tokens=0",
                       "--eval_interval=10", override)
     if ok:
@@ -405,7 +413,6 @@ def test_init_from_errors_are_one_line(folders, corpus, tmp_path, capsys):
         assert message in err and err.count("\n") == 1
     folder = copy_of(folders, tmp_path)
     (folder / "model.safetensors").write_bytes(b"\0" * 100)
-    capsys.readouterr()
     assert train.main(train_args(folder, corpus, tmp_path / "data", tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "is truncated or not a safetensors file" in err and err.count("\n") == 1
