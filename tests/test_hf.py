@@ -366,22 +366,21 @@ def test_resume_does_not_need_init_from_and_continues_exactly(folders, pretraine
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, corpus, tmp_path):
+def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, tmp_path):
+    """train.py's model built from a run folder holds that run's weights, from ckpt.pt or from the
+    ckpt_dcp/ an FSDP run leaves (made here in one process)."""
     import torch.distributed.checkpoint as dcp
-    run = pretrained_run / "run"
-    final_loss = val_losses(run)[2]
-    args = lambda source, out: train_args(source, corpus, pretrained_run / "data", tmp_path / out, "--max_steps=1",
-                                          "--sample_tokens=0")
-    assert train.main(args(run, "from_file")) == 0
-    assert val_losses(tmp_path / "from_file")[0] == pytest.approx(final_loss, abs=1e-6)
-    # the same weights as an FSDP run leaves them: ckpt_dcp/ only
-    saved = checkpoint.safe_load(run / "ckpt.pt")
-    sharded = tmp_path / "sharded_run" / checkpoint.DCP_DIR
+    from config import load_config
+    saved = checkpoint.safe_load(pretrained_run / "run" / "ckpt.pt")
+    sharded = tmp_path / checkpoint.DCP_DIR
     dcp.save({"model": saved["model"]}, checkpoint_id=sharded)
     torch.save({"version": 1, "step": saved["step"], "config": saved["config"]}, sharded / checkpoint.TRAIN_STATE_FILE)
-    shutil.copy(run / "tokenizer.json", tmp_path / "sharded_run")
-    assert train.main(args(tmp_path / "sharded_run", "from_dcp")) == 0
-    assert val_losses(tmp_path / "from_dcp")[0] == pytest.approx(final_loss, abs=1e-6)
+    for source in (pretrained_run / "run", tmp_path):
+        cfg = load_config(None, [f"--init_from={source}", "--device=cpu"])
+        assert cfg.model == ModelConfig(**saved["config"]["model"])
+        model = train.build_model(cfg, train.setup_runtime(cfg), torch.float32, sharded=False)
+        assert all(torch.equal(tensor, saved["model"][name]) for name, tensor in model.state_dict().items())
+        assert model.output.weight is model.tok_embeddings.weight  # still tied
 
 
 @pytest.mark.parametrize("override, ok, message", [
