@@ -148,9 +148,9 @@ class _ShardWriter:
 # ----------------------------------------------------------------------------- settings
 
 def _load_tokenizer(path) -> Tokenizer:
-    if not Path(path).is_file():
-        raise DataError(f"tokenizer file {path} does not exist; give the path of a tokenizer.json "
-                        f"(python tokenizer.py trains one)")
+    if not Path(path).exists():
+        raise DataError(f"tokenizer {path} does not exist; give a tokenizer file (python tokenizer.py trains one) "
+                        f"or a model folder that holds one")
     try:
         return Tokenizer.load(path)
     except ValueError as error:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig, from_dict, plan_batch
-from model import Transformer
+from model import LOSS_CHUNK_ELEMENTS, Transformer
 
 GiB = 2**30
 CUDA_RESERVE = 2 * GiB  # the CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced
@@ -51,7 +51,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     the logits the step holds (e vocab), and under FSDP the next block's all-gather and this one's
     fp32 reduce-scatter buffer. In the loss's backward: the bf16 logits, the fp32 log-softmax output,
     its gradient and its input's gradient ((e + 12) vocab); autocast also still holds its bf16 copy
-    of every weight (2 bytes per parameter), cached until the forward ends.
+    of every weight (2 bytes per parameter), cached until the forward ends. A micro-batch of more
+    tokens than one loss chunk (model.chunked_cross_entropy) keeps no logits through the step, and its
+    loss's backward holds one chunk's, plus a second copy of the head's gradient while it accumulates.
+
+    With init_from, FSDP allocates only each rank's shards and reads them from the files: no full model.
     """
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -68,9 +72,13 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
 
     per_layer = e * (4 * ffn + 2 * m.dim + 2 * kv_dim) + (16 + 2 * e) * m.dim + (2 * m.dim if m.dropout else 0)
     kept = tokens * m.n_layers * (m.dim * stream if cfg.activation_checkpointing else per_layer)
-    block_backward = (kept + tokens * ((per_layer if cfg.activation_checkpointing else 0) + 2 * e * ffn + e * m.vocab_size)
+    chunk_tokens = max(1, LOSS_CHUNK_ELEMENTS // m.vocab_size)
+    chunked = tokens > chunk_tokens
+    held_logits = 0 if chunked else e * tokens * m.vocab_size
+    block_backward = (kept + tokens * ((per_layer if cfg.activation_checkpointing else 0) + 2 * e * ffn) + held_logits
                       + (e * block + 4 * block if sharded else 0))
-    loss_backward = kept + tokens * m.vocab_size * (e + 12) + (2 * n_params if autocast else 0)
+    loss_backward = (kept + min(tokens, chunk_tokens) * m.vocab_size * (e + 12) + (2 * n_params if autocast else 0)
+                     + (stream * m.vocab_size * m.dim if chunked else 0))
     estimate = {
         "weights (fp32)": 4 * n_params / shards,
         "gradients (fp32)": 4 * n_params / shards,
@@ -83,8 +91,12 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     moment = "block backward" if block_backward >= loss_backward else "loss backward"
     estimate[f"activations ({moment})"] = max(block_backward, loss_backward)
     estimate["total"] = sum(estimate.values())
-    # build_model initialises the whole fp32 model on every rank, then copies out each group's shard
-    estimate["peak at initialisation"] = 4 * n_params + 4 * max(root, block) / shards if sharded else 4 * n_params
+    if not sharded:  # the whole fp32 model on every rank
+        estimate["peak at initialisation"] = 4 * n_params
+    elif cfg.init_from:  # each rank allocates its shards and reads them from the files
+        estimate["peak at initialisation"] = 4 * n_params / shards
+    else:  # build_model initialises the whole model on every rank, then copies out each group's shard
+        estimate["peak at initialisation"] = 4 * n_params + 4 * max(root, block) / shards
     return estimate
 
 
@@ -156,7 +168,10 @@ def traced_steps(cfg: TrainConfig, rt, micro_steps: int = 2) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     import train  # train.py imports this module
-    cfg = dataclasses.replace(cfg, compile=False)  # the eager step (compiled kernels differ, and take minutes)
+    # The eager step (compiled kernels differ, and take minutes). Weights loaded with init_from take the
+    # memory of initialised ones (their values cannot be read into fake tensors); only the way there
+    # differs, and the formula gives that initialisation's peak.
+    cfg = dataclasses.replace(cfg, compile=False, init_from="")
     plan = plan_batch(cfg, rt.world_size)
     micro_steps = min(micro_steps, plan.accum_steps)
     trainer = train.Trainer.__new__(train.Trainer)  # the step's state, without the run's files and data
@@ -273,7 +288,8 @@ def memory_needed(cfg: TrainConfig, world_size: int, time_limit: float = TRACE_T
     which of the two it is."""
     try:
         traced = trace_in_subprocess(cfg, world_size, time_limit)
-        peak, how = max(traced["peak"], traced["peak at initialisation"]), f"traced in {traced['seconds']:.0f} s"
+        init = estimate_memory(cfg, world_size)["peak at initialisation"] if cfg.init_from else traced["peak at initialisation"]
+        peak, how = max(traced["peak"], init), f"traced in {traced['seconds']:.0f} s"
     except (subprocess.TimeoutExpired, RuntimeError) as why:
         estimate = estimate_memory(cfg, world_size)
         reason = f"the trace took over {time_limit:g} s" if isinstance(why, subprocess.TimeoutExpired) \
@@ -333,8 +349,10 @@ def dry_run(cfg: TrainConfig, world_size: int, trace: bool = False):
         print(f"traced on fake tensors, {world_size} fake rank(s), {traced['seconds']:.0f} s (a step of 1 micro-step, "
               f"then one of {traced['micro_steps']}{repeats}), peak per GPU:")
         _print_sizes(traced["at peak"], unit)
-        _print_sizes({"total": traced["peak"], "peak at initialisation": traced["peak at initialisation"]}, unit, estimate)
-        need = max(traced["peak"], traced["peak at initialisation"])
+        # init_from's initialisation (reading each rank's shards) is not traced: the formula's figure stands
+        init = {} if cfg.init_from else {"peak at initialisation": traced["peak at initialisation"]}
+        _print_sizes({"total": traced["peak"], **init}, unit, estimate)
+        need = max(traced["peak"], init.get("peak at initialisation", estimate["peak at initialisation"]))
     print(f"not counted: the CUDA context, cuBLAS and NCCL buffers, about {CUDA_RESERVE / GiB:.0f} GiB; a GPU needs "
           f"{(need + CUDA_RESERVE) / GiB:.1f} GiB ({'traced' if trace else 'formula'})")
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this contribute nothing to the loss
+# The training loss visits the (tokens x vocab) logits in chunks of at most this many values
+# (256 MB in fp32), see chunked_cross_entropy; smaller outputs are computed in one piece.
+LOSS_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -31,6 +34,12 @@ class ModelConfig:
     norm: str = "rmsnorm"  # or "layernorm"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1's RoPE scaling (rope_type "llama3" in Hugging Face configs), see rope_frequencies;
+    # a factor of 1 leaves every frequency as it is.
+    rope_scale_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     tie_embeddings: bool = False
     dropout: float = 0.0
 
@@ -50,6 +59,13 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if not self.rope_scale_factor >= 1.0:
+            raise ValueError(f"rope_scale_factor must be >= 1 (1 = no scaling), got {self.rope_scale_factor}")
+        if not (0 < self.rope_low_freq_factor < self.rope_high_freq_factor < math.inf
+                and self.rope_original_max_seq_len > 0):
+            raise ValueError(f"RoPE scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor and "
+                             f"rope_original_max_seq_len > 0, got {self.rope_low_freq_factor}, "
+                             f"{self.rope_high_freq_factor}, {self.rope_original_max_seq_len}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("norm_eps", "rope_theta"):
@@ -65,6 +81,14 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def rope_scaling(self) -> tuple | None:
+        """(factor, low_freq_factor, high_freq_factor, original_max_seq_len), or None when off."""
+        if self.rope_scale_factor == 1.0:
+            return None
+        return (self.rope_scale_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_seq_len)
 
     @property
     def hidden_dim(self) -> int:
@@ -102,10 +126,28 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.dim, eps=config.norm_eps)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
-    """cos and sin of the rotation angles pos * theta^(-2i/head_dim), shape (seq_len, head_dim/2)."""
-    # Angles are formed in float64: in float32 an angle near 4000 rad is only good to ~5e-4.
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None, device=None):
+    """The rotation speeds theta^(-2i/head_dim), i < head_dim/2, in radians per position (float64).
+
+    scaling = (factor, low_freq_factor, high_freq_factor, original_context) is Llama 3.1's way of
+    stretching a model trained on original_context tokens to factor times more: frequencies whose
+    wavelength 2 pi / f is longer than original_context / low_freq_factor are divided by factor,
+    those shorter than original_context / high_freq_factor are kept, and in between the two are
+    blended linearly in original_context / wavelength (transformers' rope_type "llama3").
+    """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, original_context = scaling
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None, scaling: tuple | None = None):
+    """cos and sin of the rotation angles pos * rope_frequencies(...), shape (seq_len, head_dim/2)."""
+    # Angles are formed in float64: in float32 an angle near 4000 rad is only good to ~5e-4.
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -121,6 +163,31 @@ def apply_rope(x, cos, sin):
     x1, x2 = _fp32(x).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def _loss_sum(h, weight, targets):
+    # Softmax over a large vocabulary loses accuracy in bf16, so the logits are upcast first.
+    return F.cross_entropy(_fp32(F.linear(h, weight)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_ELEMENTS):
+    """Mean cross-entropy of the logits h @ weight.T (h: (B, T, dim)) against targets (B, T).
+
+    Computed in one piece this holds (tokens x vocab) fp32 logits, their log-softmax and their
+    gradient: 12.6 GB for Llama 3's 128,256-token vocabulary at 2 x 4096 tokens. Instead the tokens
+    are split into chunks of at most chunk_elements logits, and each chunk's summed loss runs under
+    activation checkpointing: its logits are freed as soon as its loss is known and recomputed, one
+    chunk at a time, in backward. Each chunk's math is the unchunked one (the same matmul, dtype and
+    autocast), so only the order in which the per-token losses are added differs.
+    """
+    h, targets = h.flatten(0, 1), targets.flatten()
+    count = (targets != IGNORE_INDEX).sum()
+    chunk = max(1, chunk_elements // weight.size(0))
+    if h.size(0) <= chunk:  # small enough: no recomputation
+        return _loss_sum(h, weight, targets) / count
+    total = sum(checkpoint(_loss_sum, h_part, weight, t_part, use_reentrant=False)
+                for h_part, t_part in zip(h.split(chunk), targets.split(chunk)))
+    return total / count
 
 
 class KVCache(nn.Module):
@@ -204,6 +271,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.activation_checkpointing = False
+        self.loss_chunk_elements = LOSS_CHUNK_ELEMENTS
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
@@ -214,7 +282,7 @@ class Transformer(nn.Module):
     def _build_rope(self, device=None):
         # Non-persistent buffers: derived from the config, so not part of a checkpoint.
         c = self.config
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device, c.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -246,6 +314,11 @@ class Transformer(nn.Module):
             # replace each module's parameters separately, which silently unties them.
             self.output.weight = self.tok_embeddings.weight
 
+    def to_empty(self, *, device, recurse=True):
+        super().to_empty(device=device, recurse=recurse)
+        self._tie()
+        return self
+
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: dict) -> "Transformer":
         """A model that takes over `state_dict`'s tensors: no random init and no second copy of
@@ -258,6 +331,8 @@ class Transformer(nn.Module):
         return model
 
     def forward(self, tokens, targets=None, start_pos: int | None = None):
+        """(logits, None) without targets; (None, mean cross-entropy) with them, never holding the
+        logits of the whole batch (see chunked_cross_entropy). start_pos: decode with the KV cache."""
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         if start_pos is not None:
@@ -286,15 +361,10 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, mask)
-        logits = self.output(self.norm(h))
-
-        loss = None
-        if targets is not None:
-            # Softmax over a large vocabulary loses accuracy in bf16.
-            loss = F.cross_entropy(
-                _fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h), None
+        return None, chunked_cross_entropy(h, self.output.weight, targets, self.loss_chunk_elements)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, device=None, dtype=None):
         seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len

@@ -1,7 +1,9 @@
-"""Generate text from a trained checkpoint, or export it as a Hugging Face Llama model.
+"""Generate text from a trained checkpoint or a Hugging Face model folder, or export a checkpoint
+as a Hugging Face Llama model.
 
     python sample.py --ckpt out --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50
     echo "To be" | python sample.py --ckpt out --num-samples 3 --seed 1
+    python sample.py --ckpt path/to/TinyLlama-1.1B --prompt "The capital of France is"
     python sample.py --ckpt out --export-hf out/hf
 
 Generation uses the model's KV cache: one forward pass over the prompt ("prefill"), then one
@@ -9,10 +11,9 @@ position per new token, instead of running the whole text through the model agai
 """
 
 import argparse
-import base64
 import codecs
-import json
-import os
+import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import hf
 from model import ModelConfig, Transformer
-from tokenizer import EOT, Tokenizer
+from tokenizer import Tokenizer
 
 
 class SampleError(ValueError):
@@ -32,11 +34,25 @@ class SampleError(ValueError):
 # Loading
 
 def load_checkpoint(path, device="cpu"):
-    """Load the model (in eval mode, on `device`), tokenizer and training config saved by train.py: from a
-    run folder (its newest checkpoint) or from one checkpoint file of it."""
+    """Load the model (in eval mode, on `device`), tokenizer and training config saved by train.py (a run
+    folder: its newest checkpoint; or one checkpoint file of it), or the model and tokenizer of a Hugging
+    Face model folder (config {"model": ...} only)."""
     path = Path(path)
     if not path.exists():
         raise SampleError(f"checkpoint folder {path} not found")
+    # bf16 halves the memory traffic that decoding is bound by on a GPU; CPUs stay in float32
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if (path / hf.CONFIG_FILE).is_file():
+        try:
+            tokenizer = Tokenizer.load(path)  # before the weights, which can take a while
+            config = hf.read_config(path)
+            if tokenizer.vocab_size > config.vocab_size:
+                raise SampleError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                                  f"{config.vocab_size}")
+            model = hf.load_model(path, device, dtype)
+        except ValueError as e:  # HFError, TokenizerError
+            raise SampleError(_first_line(e)) from None
+        return model, tokenizer, {"model": dataclasses.asdict(model.config)}
     ckpt_path, out_dir = (checkpoint.latest(path, sharded=False), path) if path.is_dir() else (path, path.parent)
     if ckpt_path is None and checkpoint.latest(path, sharded=True) is not None:
         raise SampleError(f"{path} holds a sharded FSDP checkpoint; run `python train.py --consolidate {path}` first")
@@ -62,8 +78,6 @@ def load_checkpoint(path, device="cpu"):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SampleError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}; they are not from the same run")
-    # bf16 halves the memory traffic that decoding is bound by on a GPU; CPUs stay in float32
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), tokenizer, ckpt["config"]
 
 
@@ -77,8 +91,8 @@ def _first_line(e):
 def check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples):
     if max_new_tokens < 1:
         raise SampleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:  # also catches NaN
-        raise SampleError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also catches NaN
+        raise SampleError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise SampleError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -103,11 +117,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     change nothing), else sampled from softmax(logits / temperature) after top-k, then top-p filtering."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0, then divided in float64: a tiny temperature sends the others
+    # to -inf and never turns the largest into inf or NaN (0 / 1e-45 = 0), so softmax stays defined.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values).double() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1).float()
     if top_p is not None and top_p < 1:
         probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -129,12 +146,14 @@ def check_prompt(model, prompt_ids, eos_id=None):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, num_samples=1,
-             eos_id=None, generator=None, on_token=None):
+             eos_id=None, generator=None, on_token=None, vocab_size=None):
     """Continue `prompt_ids` (a list of ints; empty = start a new document at `eos_id`) `num_samples`
     times, as one batch. Returns one list of new token ids per sample. A sample stops after
     `max_new_tokens`, when it emits `eos_id` (not included in its list), or when prompt + new tokens
     fill the model's context (max_seq_len). `on_token(ids)` is called after every step with the new
-    token of each sample, None for samples that have stopped, so the caller can stream the text."""
+    token of each sample, None for samples that have stopped, so the caller can stream the text.
+    `vocab_size` (the tokenizer's) keeps ids past it from being drawn: a model's table is often
+    padded beyond the tokenizer, and those rows decode to nothing."""
     check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples)
     prompt_ids = check_prompt(model, prompt_ids, eos_id)
     context = model.config.max_seq_len
@@ -147,7 +166,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         logits = model(tokens, start_pos=0)[0][:, -1]  # prefill: the whole prompt in one pass
         pos, out, done = len(prompt_ids), [[] for _ in range(num_samples)], [False] * num_samples
         while True:
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)
             # a finished sample keeps decoding with the batch, but its tokens are dropped
             new = [None if d or t == eos_id else t for t, d in zip(next_ids.tolist(), done)]
             done = [t is None for t in new]
@@ -182,63 +201,13 @@ class StreamDecoder:
 
 
 # -----------------------------------------------------------------------------
-# Export to Hugging Face Llama (model.py uses HF's RoPE layout and names from Meta's Llama,
-# so the export is a rename: no weight is permuted or changed)
-
-HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-            "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-
-
-def hf_name(name):
-    module, param = name.rsplit(".", 1)
-    if module.startswith("layers."):
-        _, i, sub = module.split(".", 2)
-        if sub in HF_LAYER:
-            return f"model.layers.{i}.{HF_LAYER[sub]}.{param}"
-    elif module in HF_TOP:
-        return f"{HF_TOP[module]}.{param}"
-    raise SampleError(f"no Hugging Face Llama name for weight {name}")
-
-
-def export_hf(model, tokenizer, hf_dir):
-    """Write `model` as a Hugging Face LlamaForCausalLM folder, plus the tokenizer in tiktoken's format."""
-    c = model.config
-    if c.norm != "rmsnorm":
-        raise SampleError(f"this model uses norm={c.norm!r}; Hugging Face Llama only has RMSNorm, so it cannot be exported")
-    # with tied embeddings HF re-ties lm_head to embed_tokens itself (and safetensors refuses shared tensors)
-    state = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
-             if not (c.tie_embeddings and k == "output.weight")}
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
-                  hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-                  num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
-                  max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                  tie_word_embeddings=c.tie_embeddings,
-                  hidden_act="silu", attention_bias=False, mlp_bias=False, torch_dtype="float32",
-                  bos_token_id=tokenizer.special_tokens.get(EOT), eos_token_id=tokenizer.special_tokens.get(EOT))
-    os.makedirs(hf_dir, exist_ok=True)
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    try:
-        from safetensors.torch import save_file
-        save_file(state, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
-    except ImportError:  # transformers also reads the older pickle format
-        torch.save(state, os.path.join(hf_dir, "pytorch_model.bin"))
-    # tiktoken's ranks file, as tiktoken.load.load_tiktoken_bpe reads it: "base64(token bytes) rank" per line
-    with open(os.path.join(hf_dir, "tokenizer.tiktoken"), "w") as f:
-        for token, rank in sorted(tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-    with open(os.path.join(hf_dir, "tiktoken_config.json"), "w") as f:
-        json.dump({"pattern": tokenizer.pattern, "special_tokens": tokenizer.special_tokens}, f, indent=2, ensure_ascii=False)
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Generate text from a checkpoint folder written by train.py.")
-    p.add_argument("--ckpt", required=True, help="a run folder (its newest ckpt-N.pt and tokenizer.json) or one ckpt-N.pt")
+    p = argparse.ArgumentParser(description="Generate text from a checkpoint folder written by train.py "
+                                            "or a Hugging Face model folder.")
+    p.add_argument("--ckpt", required=True, help="a run folder (its newest ckpt-N.pt and tokenizer.json), one ckpt-N.pt,"
+                                                 " or a Hugging Face Llama/Mistral folder (config.json, weights, tokenizer)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: stdin when piped, else a new document)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
@@ -249,7 +218,8 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, default=1, help="generated together as one batch")
     p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder to DIR instead of sampling")
+    p.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder (weights, config, "
+                                                      "tokenizer) to DIR instead of sampling")
     return p.parse_args(argv)
 
 
@@ -274,15 +244,20 @@ def run(args):
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if args.export_hf:
         model, tokenizer, _ = load_checkpoint(args.ckpt, "cpu")
-        export_hf(model, tokenizer, args.export_hf)
+        try:
+            hf.export(model, tokenizer, args.export_hf)
+        except hf.HFError as e:
+            raise SampleError(str(e)) from None
         print(f"wrote a Hugging Face Llama model to {args.export_hf}", file=sys.stderr)
         return 0
     check_sampling_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     prompt = read_prompt(args)  # before the slow load, so that a bad prompt file fails fast
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
-    eos_id = tokenizer.special_tokens.get(EOT)
-    # "<|endoftext|>" in a prompt marks a document boundary; checked now so errors come before any output
-    prompt_ids = check_prompt(model, tokenizer.encode(prompt, allowed_special="all"), eos_id)
+    eos_id = tokenizer.eos_id
+    # Llama-style tokenizers begin every document with BOS, so the model expects it before the prompt
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    # special tokens in a prompt mark document boundaries; checked now so errors come before any output
+    prompt_ids = check_prompt(model, bos + tokenizer.encode(prompt, allowed_special="all"), eos_id)
     generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
 
     decoder, stream = StreamDecoder(tokenizer), args.num_samples == 1
@@ -296,7 +271,7 @@ def run(args):
         sys.stdout.write(prompt)
     t0 = time.perf_counter()
     samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       args.num_samples, eos_id, generator, on_token=show)
+                       args.num_samples, eos_id, generator, on_token=show, vocab_size=tokenizer.vocab_size)
     seconds = time.perf_counter() - t0
     if stream:
         sys.stdout.write(decoder.flush() + "\n")

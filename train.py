@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import hf
 import memory
-from config import (BatchPlan, ConfigError, TrainConfig, flat, load_file, parse_overrides, plan_batch,
-                    resume_config, with_values)
+from config import (BatchPlan, ConfigError, TrainConfig, flat, load_config, load_file, parse_overrides,
+                    plan_batch, resume_config, with_values)
 from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, check_prepared, prepare, token_byte_lengths
 from model import Transformer
 from tokenizer import Tokenizer
@@ -141,12 +142,14 @@ def check_shared_files(rt: Runtime, path: Path, what: str):
                         " runs on several nodes need out_dir and data_dir on a filesystem every node shares")
 
 
-def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
+def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool = False) -> Tokenizer:
     """Prepare the corpus on first use (rank 0, while the others wait on the host group), or check that the
-    prepared folder was made with the run's settings; return its tokenizer."""
+    prepared folder was made with the run's settings; return its tokenizer. A resumed run does not read
+    its tokenizer file again (it may be gone, with the init_from folder it came from): the checkpoint's
+    tokenizer fingerprint is checked against the folder's instead (Trainer._check_resumable)."""
     failure = None
     if rt.is_main:
-        settings = dict(vocab_size=cfg.model.vocab_size, tokenizer_path=cfg.tokenizer or None,
+        settings = dict(vocab_size=cfg.model.vocab_size, tokenizer_path=None if resuming else cfg.tokenizer or None,
                         val_fraction=cfg.val_fraction, val_max_bytes=cfg.val_max_bytes,
                         tokenizer_max_bytes=cfg.tokenizer_max_bytes, text_field=cfg.text_field)
         try:
@@ -168,18 +171,22 @@ def ensure_data(cfg: TrainConfig, rt: Runtime) -> Tokenizer:
     return tokenizer
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool) -> Transformer:
+def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool, resume: bool = False) -> Transformer:
     """The model on its device, sharded with FSDP2 when `sharded` (DDP wraps it later, in Trainer).
 
     Every rank initialises the full fp32 model from the same seed before sharding, so the starting
-    weights are the same whatever the number of ranks or the parallel mode.
+    weights are the same whatever the number of ranks or the parallel mode. With init_from (unless
+    resuming, when the checkpoint brings the weights) nothing is initialised: the model is sharded
+    while still on the meta device, then each rank allocates and reads only its own shards.
     """
+    pretrained = bool(cfg.init_from) and not resume
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device=rt.device)
-    torch.manual_seed(cfg.seed)
-    with torch.no_grad():
-        model.init_weights()
+    if not pretrained:
+        model.to_empty(device=rt.device)
+        torch.manual_seed(cfg.seed)
+        with torch.no_grad():
+            model.init_weights()
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -190,6 +197,9 @@ def build_model(cfg: TrainConfig, rt: Runtime, dtype: torch.dtype, sharded: bool
         for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
             fully_shard(block, mesh=mesh, mp_policy=block_policy)
         fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    if pretrained:
+        model.to_empty(device=rt.device)
+        hf.load_weights(model, cfg.init_from, verbose=rt.is_main)
     return model
 
 
@@ -228,12 +238,14 @@ class Trainer:
         if rt.is_main:
             self._prepare_out_dir(overwrite)
         check_shared_files(rt, self.out_dir / ".run", "run folder")
-        self.tokenizer = ensure_data(cfg, rt)
+        if cfg.init_from and resume_from is None:  # checked before data preparation, which can take hours
+            hf.check_weights(cfg.init_from, cfg.model)
+        self.tokenizer = ensure_data(cfg, rt, resuming=resume_from is not None)
         self.train_data, self.val_data = TokenData(cfg.data_dir, "train"), TokenData(cfg.data_dir, "val")
         for split in (self.train_data, self.val_data):
             split.check_length(cfg.model.max_seq_len)
         memory.check_memory_fits(cfg, rt)
-        self.model = build_model(cfg, rt, self.dtype, self.sharded)
+        self.model = build_model(cfg, rt, self.dtype, self.sharded, resume=resume_from is not None)
         self.optimizer = make_optimizer(cfg, self.model, rt.device)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(rt.device)
         self.step, self.bad_steps, self.elapsed_before = 0, 0, 0.0
@@ -529,7 +541,8 @@ class Trainer:
         generator = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed)
         with self.autocast():
             ids = generate(self.model, prompt, self.cfg.sample_tokens, temperature=0.8, top_k=200, top_p=1.0,
-                           num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator)[0]
+                           num_samples=1, eos_id=self.tokenizer.eos_id, generator=generator,
+                           vocab_size=self.tokenizer.vocab_size)[0]
         print("--- sample ---\n" + self.tokenizer.decode(ids) + "\n--------------", flush=True)
 
 
@@ -564,17 +577,19 @@ def start_config(args, overrides: list[str]) -> tuple[TrainConfig, Path | None, 
     run so far (lr, max_steps, intervals, ...) may be changed, explicitly, with --key=value."""
     values = parse_overrides(overrides)
     file_config = load_file(args.config)
-    cfg = with_values(file_config, values)
-    found = checkpoint.latest(cfg.out_dir, cfg.parallel == "fsdp")
+    # Where the run lives and how it is sharded: enough to look for its checkpoint (the model may come later,
+    # from init_from, which a resumed run must not need).
+    run = with_values(file_config, {k: v for k, v in values.items() if not k.startswith("model.")})
+    found = checkpoint.latest(run.out_dir, run.parallel == "fsdp")
     if args.resume == "yes" and found is None:
-        raise ConfigError(f"no checkpoint in {cfg.out_dir} to resume; start without --resume (or use --resume=auto)")
+        raise ConfigError(f"no checkpoint in {run.out_dir} to resume; start without --resume (or use --resume=auto)")
     if found is None or not args.resume:
         if found is not None and not args.overwrite:
-            raise ConfigError(f"{cfg.out_dir} already holds a checkpoint ({found.name}); continue it with --resume, "
+            raise ConfigError(f"{run.out_dir} already holds a checkpoint ({found.name}); continue it with --resume, "
                               "start over with --overwrite (deletes its checkpoints), or choose another --out_dir")
-        return cfg, None, {}
+        return load_config(args.config, overrides), None, {}
     saved = checkpoint.read_train_state(found)["config"]
-    cfg, changes = resume_config(saved, values, out_dir=cfg.out_dir)
+    cfg, changes = resume_config(saved, values, out_dir=run.out_dir)
     ignored = [k for k, v in flat(file_config).items() if k not in values and v != flat(cfg)[k] and k != "out_dir"]
     if ignored and args.config and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {args.config} differs from the checkpoint in {', '.join(ignored)}; the checkpoint's values are"

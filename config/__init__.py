@@ -47,6 +47,8 @@ class TrainConfig:
     tokenizer_memory_budget: int | None = None  # bytes tokenizer training may use; None: the tokenizer's default
 
     out_dir: str = "out/default"        # checkpoints, log.jsonl, tokenizer.json
+    # a Hugging Face model folder or a run folder: start from its weights, model shape and tokenizer
+    init_from: str = ""
 
     # batch: sequences are model.max_seq_len tokens long
     micro_batch_size: int = 32          # at most this many sequences per rank per forward/backward
@@ -280,8 +282,17 @@ def flat(config: TrainConfig) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Build the config from an optional config file, then apply the overrides."""
-    return apply_overrides(load_file(path), list(overrides))
+    """Build the config from an optional config file, then apply the overrides; with init_from, the
+    model comes from there (see start_from)."""
+    values = parse_overrides(list(overrides))
+    config = load_file(path)
+    config = with_values(config, {k: v for k, v in values.items() if not k.startswith("model.")})
+    model_values = {k: v for k, v in values.items() if k.startswith("model.")}
+    if not config.init_from:
+        return with_values(config, model_values)
+    default_model = dataclasses.asdict(small_model())
+    file_values = {k: v for k, v in dataclasses.asdict(config.model).items() if v != default_model[k]}
+    return start_from(config, file_values, {k[6:]: v for k, v in model_values.items()})
 
 
 def load_file(path: str | None) -> TrainConfig:
@@ -327,3 +338,51 @@ def resume_config(saved: dict, overrides: dict, out_dir: str) -> tuple[TrainConf
                               " another --out_dir, or resume without it")
         changes[key] = (current[key], value)
     return with_values(config, {key: new for key, (_, new) in changes.items()}), changes
+
+
+# With init_from these model keys may still be set: they change how the model trains, not what its
+# weights mean. A shorter context uses a prefix of the same RoPE table; a longer one than the model
+# was trained for would need RoPE scaling, which is part of the model, so it may only shrink.
+INIT_FROM_MODEL_KEYS = ("dropout", "max_seq_len")
+
+
+def _meaning(model: ModelConfig) -> dict:
+    """The model keys with derived sizes in place of the keys that set them (n_kv_heads None and
+    n_heads are the same; multiple_of only matters through ffn_hidden; scaling knobs only when on)."""
+    values = dataclasses.asdict(model) | {"n_kv_heads": model.kv_heads, "ffn_hidden": model.hidden_dim,
+                                          "multiple_of": None}
+    if model.rope_scaling is None:
+        values.update(rope_low_freq_factor=None, rope_high_freq_factor=None, rope_original_max_seq_len=None)
+    return {k: v for k, v in values.items() if k not in INIT_FROM_MODEL_KEYS}
+
+
+def start_from(config: TrainConfig, file_values: dict, cli_values: dict) -> TrainConfig:
+    """`config` with the model of config.init_from (a Hugging Face model folder or a run folder).
+
+    The model keys set by the config file (those that differ from the default model) and by
+    --model.* are checked: those in INIT_FROM_MODEL_KEYS are applied (max_seq_len at most
+    init_from's), and any other that would change the model is an error.
+    The tokenizer comes from init_from unless `tokenizer` names one. (A resumed run takes its config,
+    this model included, from its own checkpoint: it never needs init_from again.)
+    """
+    import hf
+    source = config.init_from
+    try:
+        pretrained = hf.pretrained_config(source)
+    except hf.HFError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    given = {**file_values, **cli_values}
+    for key, value in given.items():
+        try:
+            same = _meaning(dataclasses.replace(pretrained, **{key: value})) == _meaning(pretrained)
+        except ValueError:
+            same = False
+        if not same:
+            origin = f"--model.{key}={value}" if key in cli_values else f"model.{key}={value} (in the config file)"
+            raise ConfigError(f"{origin} contradicts {source} ({key}={getattr(pretrained, key)}): with init_from the "
+                              "model comes from there; only model.dropout and a shorter model.max_seq_len may be set")
+    if given.get("max_seq_len", 0) > pretrained.max_seq_len:
+        raise ConfigError(f"model.max_seq_len={given['max_seq_len']} is longer than the {pretrained.max_seq_len} "
+                          f"positions of {source} (its training context or sliding window); use at most that")
+    model = dataclasses.replace(pretrained, **{key: given[key] for key in INIT_FROM_MODEL_KEYS if key in given})
+    return dataclasses.replace(config, model=model, tokenizer=config.tokenizer or config.init_from)

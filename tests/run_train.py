@@ -6,6 +6,7 @@
     DIST_TIMEOUT_S=S        the default process group's collectives time out after S seconds
     CHDIR_RANK=R:PATH       rank R runs in another folder (a node that does not share the filesystem)
     FAKE_ACCELERATOR=cuda   torch reports a CUDA accelerator although the run is on CPU (a GPU machine)
+    LOSS_CHUNK_ELEMENTS=N   the loss is computed in chunks of N logits (to chunk a tiny model's loss)
 """
 import datetime
 import os
@@ -60,4 +61,7 @@ if __name__ == "__main__":
             os.chdir(path)
     if env.get("FAKE_ACCELERATOR") == "cuda":
         torch._C._get_accelerator = lambda *args: torch.device("cuda")
+    if "LOSS_CHUNK_ELEMENTS" in env:  # to run the chunked loss on tiny models
+        import model
+        model.LOSS_CHUNK_ELEMENTS = int(env["LOSS_CHUNK_ELEMENTS"])
     sys.exit(train.main(sys.argv[1:]))

@@ -19,8 +19,10 @@ BAD_VALUES = {
     "model.vocab_size": "0", "model.dim": "100", "model.n_layers": "0", "model.n_heads": "7", "model.n_kv_heads": "4",
     "model.ffn_hidden": "0", "model.multiple_of": "0", "model.max_seq_len": "-1", "model.norm": "batchnorm",
     "model.norm_eps": "nan", "model.rope_theta": "-1", "model.tie_embeddings": "sometimes", "model.dropout": "1",
+    "init_from": "missing-model-folder", "model.rope_scale_factor": "0.5", "model.rope_low_freq_factor": "-1",
+    "model.rope_high_freq_factor": "0.5", "model.rope_original_max_seq_len": "0",
 }
-CHECKED_AT_START = {"tokenizer"}  # the filesystem is looked at when the run starts, before any work
+CHECKED_AT_START = {"tokenizer", "init_from"}  # the filesystem is looked at when the run starts, before any work
 
 
 def test_every_key_rejects_a_bad_value(tmp_path, capsys):
@@ -32,11 +34,13 @@ def test_every_key_rejects_a_bad_value(tmp_path, capsys):
             apply_overrides(TrainConfig(), [f"--{key}={value}"])
         message = str(error.value)
         assert "\n" not in message and key.removeprefix("model.") in message, (key, message)
-    # a missing tokenizer file: one line, before data preparation
-    assert train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
-                       f"--tokenizer={tmp_path / BAD_VALUES['tokenizer']}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "missing-tokenizer.json" in err and len(err.splitlines()) == 1
+    # a missing tokenizer file or model folder: one line, before data preparation
+    for key in CHECKED_AT_START:
+        assert train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
+                           f"--{key}={tmp_path / BAD_VALUES[key]}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and BAD_VALUES[key] in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "data").exists()
 
 
 def test_overrides_are_parsed_exactly():

@@ -83,7 +83,7 @@ def test_the_7b_trace_on_8_ranks_agrees_with_the_formula():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "traced on fake tensors, 8 fake rank(s)" in out and "then one of 2; the run's 64 repeat the second)" in out
-    for category in ("Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "All Gather"):
+    for category in ("Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "Reduce Scatter"):
         assert f"  {category} " in out
     for line in ("  total ", "  peak at initialisation "):
         traced = [row for row in out.splitlines() if row.startswith(line) and "formula" in row]

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import IGNORE_INDEX, Attention, ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables
+from model import (IGNORE_INDEX, Attention, ModelConfig, RMSNorm, Transformer, apply_rope, rope_frequencies,
+                   rope_tables)
 from tests import reference as ref
 
 settings.register_profile("model", max_examples=25, deadline=None, derandomize=True)
@@ -82,6 +84,42 @@ def test_rope_matches_reference(shape, start, theta, seed):
     got = apply_rope(torch.tensor(x, dtype=torch.float32), cos[start:], sin[start:])
     want = ref.rope(x, np.arange(start, start + T), theta)
     np.testing.assert_allclose(got.numpy(), want, **TOL)
+
+
+def meta_llama31_scaling(freqs, scale_factor=8, low_freq_factor=1, high_freq_factor=4, old_context_len=8192):
+    """Meta's apply_scaling from the Llama 3.1 reference code (llama_models/llama3/reference_impl/model.py)."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    new_freqs = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scale_factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
+    return new_freqs
+
+
+@pytest.mark.parametrize("scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (4.0, 2.0, 8.0, 512)])
+def test_llama3_rope_scaling_matches_meta(scaling):
+    plain = rope_frequencies(128, 500000.0)
+    scaled = rope_frequencies(128, 500000.0, scaling)
+    want = meta_llama31_scaling(plain.tolist(), *scaling)
+    np.testing.assert_allclose(scaled.numpy(), want, rtol=1e-12)
+    factor = scaling[0]
+    # all three bands occur: kept, divided by the factor, and blended in between
+    kept, divided = scaled == plain, torch.isclose(scaled, plain / factor, rtol=1e-12)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()
+    config = ModelConfig(dim=256, n_heads=2, rope_theta=500000.0, rope_scale_factor=factor,
+                         rope_low_freq_factor=scaling[1], rope_high_freq_factor=scaling[2],
+                         rope_original_max_seq_len=scaling[3])
+    model = Transformer(config)
+    torch.testing.assert_close(model.rope_cos, rope_tables(128, config.max_seq_len, 500000.0, scaling=scaling)[0])
+    assert not torch.equal(model.rope_cos, Transformer(ModelConfig(dim=256, n_heads=2, rope_theta=500000.0)).rope_cos)
+    assert ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None  # factor 1 = off
 
 
 def test_rope_is_relative():
@@ -171,8 +209,9 @@ def test_loss_matches_reference(shape, scale, seed):
     targets = rng.integers(0, V, (B, T))
     targets[rng.random((B, T)) < 0.3] = IGNORE_INDEX
     targets.flat[rng.integers(0, B * T)] = rng.integers(0, V)  # at least one counted target
-    logits, loss = model(tokens, torch.tensor(targets))
-    assert loss.dtype == torch.float32
+    logits, _ = model(tokens)
+    no_logits, loss = model(tokens, torch.tensor(targets))
+    assert no_logits is None and loss.dtype == torch.float32
     want = ref.cross_entropy(logits.detach().double().numpy(), targets, IGNORE_INDEX)
     np.testing.assert_allclose(loss.item(), want, **TOL)
 
@@ -188,6 +227,73 @@ def test_uniform_logits_give_log_vocab():
     assert loss.item() == pytest.approx(math.log(1000), rel=1e-6)
 
 
+def loss_and_grads(model, tokens, targets, chunk_elements=None, autocast=False):
+    """Loss and parameter gradients of model.forward (chunk_elements set: chunked_cross_entropy's
+    chunking), or, with chunk_elements None, of the loss computed as before it existed: one
+    cross-entropy over the fp32 logits of the whole batch."""
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks in every call
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if chunk_elements is None:
+            logits, _ = model(tokens)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        else:
+            model.loss_chunk_elements = chunk_elements
+            _, loss = model(tokens, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie,autocast,checkpointing", [(False, False, False), (True, False, True),
+                                                        (False, True, False), (True, True, True)])
+def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
+    """Chunks of 7, 13 and 64 tokens (the last one short) over 2 x 24 tokens with some targets ignored.
+    Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale (a few ulp);
+    a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16 autocast the
+    gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's 4e-3."""
+    config = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
+                         tie_embeddings=tie, dropout=0.1)
+    torch.manual_seed(0)
+    model = randomize_(Transformer(config), 0).train()
+    model.activation_checkpointing = checkpointing
+    tokens, targets = torch.randint(0, 96, (2, 24)), torch.randint(0, 96, (2, 24))
+    targets[0, :5] = IGNORE_INDEX
+    want_loss, want_grads = loss_and_grads(model, tokens, targets, autocast=autocast)
+    for chunk_tokens in (7, 13, 64):
+        loss, grads = loss_and_grads(model, tokens, targets, chunk_tokens * 96, autocast)
+        scale = 1e-2 if autocast else 1e-6
+        torch.testing.assert_close(loss, want_loss, rtol=scale, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=scale * want_grads[name].abs().max(),
+                                       msg=name)
+
+
+def test_chunked_loss_never_makes_the_whole_logits():
+    """Watch every tensor that forward and backward create: in one piece the biggest (tokens x vocab)
+    one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than 32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestLogits(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.size(-1) == 512 and t.size(-2) != 16:
+                    self.rows = max(self.rows, t.numel() // 512)  # logits-shaped, not the 512 x 16 weight
+            return out
+
+    model = Transformer(ModelConfig(vocab_size=512, dim=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=64))
+    tokens = torch.randint(0, 512, (4, 64))
+    for chunk_elements, rows in ((1 << 30, 256), (32 * 512, 32)):
+        model.loss_chunk_elements = chunk_elements
+        with LargestLogits() as watch:
+            _, loss = model(tokens, tokens)
+            loss.backward()
+        assert watch.rows == rows
+
+
+# ---------------------------------------------------------------- whole model
 # ---------------------------------------------------------------- whole model
 
 
@@ -199,7 +305,8 @@ def test_model_matches_reference(config, bt, seed):
     tokens = torch.randint(0, config.vocab_size, (B, T))
     targets = torch.randint(0, config.vocab_size, (B, T))
     targets[:, 0] = IGNORE_INDEX
-    logits, loss = model(tokens, targets)
+    logits, _ = model(tokens)
+    _, loss = model(tokens, targets)
     assert logits.shape == (B, T, config.vocab_size)
 
     want = ref.forward(numpy_weights(model), tokens.numpy(), ref_cfg(config))

@@ -1,4 +1,5 @@
-"""Tests for sample.py: KV-cache generation, sampling filters, streaming decode, CLI errors, HF export."""
+"""Tests for sample.py: KV-cache generation, sampling filters, streaming decode, CLI errors (the Hugging
+Face export and sampling from a Hugging Face folder are in test_hf.py)."""
 
 import dataclasses
 import os
@@ -9,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import sample
 from model import ModelConfig, Transformer
 from sample import SampleError, StreamDecoder, generate, load_checkpoint, main, sample_next, top_p_filter
 from tokenizer import Tokenizer
@@ -203,7 +203,8 @@ def test_cli_streams_greedy_output(ckpt_dir, loaded, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be finite and >= 0"),
+    (["--temperature", "inf"], "temperature must be finite"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read the prompt from"),
@@ -248,35 +249,71 @@ def test_cli_subprocess(ckpt_dir):
 
 
 # -----------------------------------------------------------------------------
-# export
+# padded vocabularies and tiny temperatures (issue 18, items 3 and 7)
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_export_hf_gives_the_same_logits(ckpt_dir, tmp_path, tied):
-    transformers = pytest.importorskip("transformers")
-    folder = ckpt_dir if not tied else make_checkpoint(str(tmp_path / "tied"), train_steps=0, tie_embeddings=True)
-    assert main(["--ckpt", folder, "--export-hf", str(tmp_path / "hf")]) == 0
-    model, tokenizer, _ = load_checkpoint(folder, "cpu")
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
-    tokens = torch.tensor([tokenizer.encode("ROMEO:\nWhat light through yonder window breaks? " + CHINESE)[:60]])
-    with torch.no_grad():
-        ours, _ = model(tokens)
-        theirs = hf(tokens).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
-
-
-def test_export_tiktoken_encodes_the_same(ckpt_dir, tmp_path):
-    tiktoken = pytest.importorskip("tiktoken")
-    from tiktoken.load import load_tiktoken_bpe
+def padded_checkpoint(ckpt_dir, folder, padding=64):
+    """The checkpoint of ckpt_dir with `padding` extra rows in the model's vocabulary, as when
+    model.vocab_size exceeds the tokenizer's."""
     model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
-    sample.export_hf(model, tokenizer, str(tmp_path))
-    enc = tiktoken.Encoding("ours", pat_str=tokenizer.pattern, special_tokens=tokenizer.special_tokens,
-                            mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "tokenizer.tiktoken")))
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" + CHINESE + " 1234 don't <|endoftext|>"
-    assert enc.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+    config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + padding)
+    state = model.state_dict()
+    for name in ("tok_embeddings.weight", "output.weight"):
+        state[name] = torch.cat([state[name], torch.randn(padding, config.dim)])
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"version": 1, "model": state, "config": {"model": dataclasses.asdict(config)}, "step": 0},
+               os.path.join(folder, "ckpt-000000.pt"))
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return folder, tokenizer
 
 
-def test_export_refuses_layernorm(tmp_path, capsys):
-    folder = make_checkpoint(str(tmp_path / "ln"), train_steps=0, norm="layernorm")
-    assert main(["--ckpt", folder, "--export-hf", str(tmp_path / "hf")]) == 2
-    assert "RMSNorm" in capsys.readouterr().err
+def favour_padding(monkeypatch, tokenizer_vocab_size):
+    """Make every model's logits for ids past the tokenizer's the largest (an undertrained row can win)."""
+    forward = Transformer.forward
+
+    def padding_first(self, tokens, targets=None, start_pos=None):
+        logits, loss = forward(self, tokens, targets, start_pos)
+        if logits is not None:
+            logits[..., tokenizer_vocab_size:] += 1000
+        return logits, loss
+    monkeypatch.setattr(Transformer, "forward", padding_first)
+
+
+def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, capsys, monkeypatch):
+    folder, tokenizer = padded_checkpoint(ckpt_dir, str(tmp_path))
+    favour_padding(monkeypatch, tokenizer.vocab_size)
+    model, _, _ = load_checkpoint(folder, "cpu")
+    prompt = tokenizer.encode("ROMEO:")
+    assert all(t >= tokenizer.vocab_size for t in generate(model, prompt, 8, temperature=0)[0])
+    for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5, top_p=0.9)):
+        out = generate(model, prompt, 8, num_samples=2, generator=torch.Generator().manual_seed(0),
+                       vocab_size=tokenizer.vocab_size, **kwargs)
+        assert all(0 <= t < tokenizer.vocab_size for row in out for t in row)
+    for seed in range(2):
+        assert main(["--ckpt", folder, "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", str(seed)]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_final_sample_of_a_training_run_skips_padding_rows(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """train.py --tokenizer with a larger model.vocab_size, the run's closing sample (issue 18, item 3)."""
+    import train
+    favour_padding(monkeypatch, Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json")).vocab_size)
+    (tmp_path / "corpus.txt").write_text(open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read()[:30000])
+    assert train.main([f"--inputs={tmp_path / 'corpus.txt'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                       f"--tokenizer={os.path.join(ckpt_dir, 'tokenizer.json')}", "--model.vocab_size=384", "--model.dim=32",
+                       "--model.n_layers=1", "--model.n_heads=2", "--model.max_seq_len=32", "--micro_batch_size=4",
+                       "--global_batch_tokens=128", "--max_steps=1", "--eval_tokens=128", "--sample_tokens=20"]) == 0
+    assert "--- sample ---" in capsys.readouterr().out
+
+
+def test_tiny_temperatures_are_greedy_and_never_overflow(loaded):
+    logits = torch.tensor([[1.0, 3.0, 2.0, -float("inf")], [0.5, 0.5 + 1e-6, 0.0, 0.1]])
+    for temperature in (1e-45, 1e-300, 5e-324, 1e-30):
+        draws = sample_next(logits.repeat(2, 1), temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert draws.tolist() == [1, 1, 1, 1]
+        ties = sample_next(torch.tensor([[2.0, 0.0, 2.0]]).expand(400, 3), temperature=temperature, top_k=2,
+                           generator=torch.Generator().manual_seed(0))
+        assert set(ties.tolist()) == {0, 2}  # equal logits stay equally likely
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("To be")
+    assert generate(model, prompt, 12, temperature=1e-45, generator=torch.Generator().manual_seed(0)) == \
+        generate(model, prompt, 12, temperature=0)

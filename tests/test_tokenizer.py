@@ -219,10 +219,10 @@ def test_save_load(tok, tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"\x00\xff garbage", "not valid JSON"),
     (None, "not valid JSON"),  # truncated
-    (json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}).encode(),
-     "not a minillama-bpe tokenizer file"),
+    (json.dumps({"version": "1.0", "model": {"type": "WordPiece", "vocab": {}}}).encode(),
+     "model type WordPiece .* is not supported"),
     (b"[1, 2]", "not a minillama-bpe tokenizer file"),
-    (None, "version 2 is not supported"),
+    (None, "version 3 is not supported"),
     (None, "merge 1 is"),
     (None, "special token ids must follow"),
 ])
@@ -233,7 +233,7 @@ def test_load_rejects_bad_files(tok, tmp_path, content, message):
     if content is None and message == "not valid JSON":
         content = good.read_bytes()[: good.stat().st_size // 2]
     elif message.startswith("version"):
-        content = json.dumps({**obj, "version": 2}).encode()
+        content = json.dumps({**obj, "version": 3}).encode()
     elif message.startswith("merge"):
         content = json.dumps({**obj, "merges": [[97, 98], [1000, 2]]}).encode()
     elif message.startswith("special"):
