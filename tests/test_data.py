@@ -268,7 +268,7 @@ def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file,
                             ({"tokenizer_max_bytes": 10**6}, "with tokenizer_max_bytes=30000, not 1000000"),
                             ({"text_field": "body"}, 'with text_field="text", not "body"'),
                             ({"tokenizer_path": str(tokenizer_file)}, "with another tokenizer than .*tokenizer.json"),
-                            ({"tokenizer_path": "nope.json"}, "tokenizer file nope.json does not exist")]:
+                            ({"tokenizer_path": "nope.json"}, "tokenizer nope.json does not exist")]:
         with pytest.raises(DataError, match=message):
             check_prepared(out, **{**same, **change})
     reindented = tmp_path / "reindented.json"  # the folder's own tokenizer, saved differently: the same content
