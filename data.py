@@ -663,11 +663,10 @@ class TokenData:
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (0 for special tokens and unused ids), for bits per byte."""
-    lengths = torch.zeros(vocab_size, dtype=torch.float64)
     specials = set(tokenizer.special_tokens.values())
-    for token_id in range(tokenizer.vocab_size):
-        if token_id not in specials:
-            lengths[token_id] = len(tokenizer.decode_bytes([token_id]))
+    known = [0 if token is None or i in specials else len(token) for i, token in enumerate(tokenizer.vocab)]
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)  # ids past the vocabulary: special tokens, unused
+    lengths[:len(known)] = torch.tensor(known, dtype=torch.float64)
     return lengths
 
 
