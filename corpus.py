@@ -24,6 +24,15 @@ punctuation, or a base64 blob) is the cut made at a character boundary, and the 
 piece straddling it may differ. Records longer than MAX_PIECE_CHARS are cut the same way, so the
 pieces sent to the encoder stay bounded; a record itself must fit in memory once (as one line).
 
+Other tokenizers. A tokenizer says where it may be cut (Tokenizer.cut_points), and read_documents
+re-cuts the pieces accordingly (`recut`): tokenizers with GPT-4's or Llama 3's pattern keep the cut
+points above; SentencePiece-style ones allow only line starts, so a document's pieces are joined
+where they meet elsewhere and cut at their last line start once MAX_PIECE_CHARS are held (memory
+then grows with the longest line); a tokenizer that allows no cut gets each document as one piece,
+and memory grows with the largest document (a warning past HUGE_DOCUMENT_CHARS). The blocks and the
+val split never depend on the tokenizer, only how a document is cut into pieces: so the reader and
+the tokenizer's sample agree on every block, and any two tokenizers' val splits hold the same text.
+
 Val split. A share of the units, decided per file, so that a `--part` of the files gets the same
 split as a whole prepare: blocks systematically (every 1/share-th block from a phase hashed from
 the file's key, so val is spread evenly over the file), records by a hash of (key, byte offset).
@@ -49,6 +58,7 @@ SNIFF_BYTES = 8192              # a NUL byte in this many leading bytes marks a 
 MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 18
 BLOCKS_PER_FILE = 128           # block size = file size / this, within [MIN_BLOCK, MAX_BLOCK]
 MAX_PIECE_CHARS = 1 << 18       # longer records are cut into pieces of at most this many characters
+HUGE_DOCUMENT_CHARS = 1 << 26   # a warning when a tokenizer allows no cut in more than this many characters
 MAX_BAD_SHARE = 0.01            # bad records or non-UTF-8 bytes above this share of a file: an error
 MAX_SAMPLE_STRIDE = 16          # stream-order files give the sample at least one unit in this many
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
@@ -405,10 +415,17 @@ def _record_text(line: bytes, field: str, report: _FileReport, where: str) -> st
 
 
 def read_documents(sources: list[Source], share: float, text_field: str = "text", start=(0, 0, 0),
-                   counts: dict | None = None, quiet: bool = False) -> Iterator[Piece]:
+                   counts: dict | None = None, quiet: bool = False, cuts="words") -> Iterator[Piece]:
     """Pieces of the documents of `sources` in order, each with its split, from `start` (a Piece's
     resume). counts, if given, accumulates binary_files, bad_records and invalid_utf8_bytes.
-    quiet: no warnings and no errors for bad records (the tokenizer's sample)."""
+    quiet: no warnings and no errors for bad records (the tokenizer's sample). cuts: where a
+    document may be cut, a tokenizer's cut_points: "words" (the safe cut points above), a regex,
+    or None (see Other tokenizers)."""
+    pieces = _read_documents(sources, share, text_field, start, counts, quiet)
+    return pieces if cuts == "words" else recut(pieces, cuts)
+
+
+def _read_documents(sources, share, text_field, start, counts, quiet):
     first, offset, unit = start
     done = sum(s.size for s in sources[:first])
     for index in range(first, len(sources)):
@@ -509,6 +526,63 @@ def _document(text, split, resume, raw_done):
     for k, piece in enumerate(pieces):
         last = k == len(pieces) - 1
         yield Piece(piece, len(piece.encode("utf-8")), split, k == 0, last, resume if last else None, raw_done)
+
+
+def recut(pieces: Iterator[Piece], cut, limit: int | None = None) -> Iterator[Piece]:
+    """The pieces of documents cut again where a tokenizer allows. cut: a regex of the cut points
+    that looks at one character either side (as tokenizer.SAFE_CUT), or None: there are none.
+    Pieces are joined where they meet elsewhere than at a cut point; when more than `limit`
+    (MAX_PIECE_CHARS) characters are held and the next piece does not begin at one, the held text
+    is cut at its last cut point. A piece given out ends at a cut point or where its document
+    ends, and keeps `resume` only if it ends where a piece read ends: reading resumes only there."""
+    limit, warned = limit or MAX_PIECE_CHARS, False
+    held, size, searched = [], 0, 0  # pieces of the document not given out yet; held[:searched] hold no cut point
+    for piece in pieces:
+        if held and cut and cut.match(held[-1].text[-1:] + piece.text[:1], 1):
+            yield _joined(held)
+            held, size, searched = [], 0, 0
+        elif cut and size > limit:
+            head, held = _cut_last(held, cut, searched)
+            if head:
+                yield head
+                size = sum(len(p.text) for p in held)
+            searched = len(held)
+        held.append(piece)
+        size += len(piece.text)
+        if size > HUGE_DOCUMENT_CHARS and not warned:
+            warned = True
+            warn(f"the tokenizer allows no cut in more than {HUGE_DOCUMENT_CHARS / 1e6:.0f}M characters of a document"
+                 f" ({'a line that long' if cut else 'it never cuts a document'}); they are held in memory and"
+                 f" encoded as one text")
+        if piece.ends:
+            yield _joined(held)
+            held, size, searched = [], 0, 0
+
+
+def _cut_last(held: list[Piece], cut, searched: int) -> tuple[Piece | None, list[Piece]]:
+    """(the held text up to its last cut point as one piece, the rest), or (None, held) if
+    held[searched:] has none. The points between held pieces are known not to be cut points."""
+    for k in range(len(held) - 1, searched - 1, -1):
+        text = held[k].text
+        last = None
+        for last in cut.finditer(text, 1):
+            pass
+        if last is not None:
+            at = last.start()
+            head_bytes = len(text[:at].encode("utf-8"))
+            head = held[k]._replace(text=text[:at], nbytes=head_bytes, ends=False, resume=None)
+            tail = held[k]._replace(text=text[at:], nbytes=held[k].nbytes - head_bytes, begins=False)
+            return _joined(held[:k] + [head]), [tail] + held[k + 1:]
+    return None, held
+
+
+def _joined(pieces: list[Piece]) -> Piece:
+    """Consecutive pieces of one document as one piece."""
+    if len(pieces) == 1:
+        return pieces[0]
+    last = pieces[-1]
+    return last._replace(text="".join(p.text for p in pieces), nbytes=sum(p.nbytes for p in pieces),
+                         begins=pieces[0].begins)
 
 
 def iter_texts(paths, text_field: str = "text") -> Iterator[str]:

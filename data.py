@@ -4,7 +4,10 @@
 records skipped and counted), trains a tokenizer on a sample of the train split spread over the
 whole corpus (or loads a given one), encodes in worker processes and appends uint16 tokens (uint32
 when the vocabulary needs it) to numbered shards of a train and a val split, with the tokenizer's
-BOS (if it has one) before every document and its EOS (<|endoftext|>) after.
+BOS (if it has one) before every document and its EOS (<|endoftext|>) after. A document is cut into
+pieces only where the tokenizer allows (Tokenizer.cut_points; corpus.py, Other tokenizers) and its
+later pieces are encoded as continuations (no SentencePiece prefix space), so its ids are those of
+encoding it whole.
 
 Never losing work: prepare works inside `out` itself (so a mount point works). `out` must be new,
 empty, or one of its own; a folder holding anything else is an error and is left untouched. The
@@ -376,10 +379,14 @@ def _encode(folder, manifest, tokenizer, sources, share, text_field, num_workers
     progress = Progress("encoding", total, sum(s.size for s in sources[:position[0]]), verbose)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     workers = num_workers or os.cpu_count() or 1
-    pieces, texts = itertools.tee(read_documents(sources, share, text_field, position, counts))
+    # Cut where the tokenizer allows, and later pieces encoded as continuations (no SentencePiece prefix
+    # space): each document gets the ids of its whole.
+    pieces, texts = itertools.tee(read_documents(sources, share, text_field, position, counts,
+                                                 cuts=tokenizer.cut_points))
     saved = time.monotonic()
     try:
-        with contextlib.closing(tokenizer.encode_stream((p.text for p in texts), workers, allowed_special=None)) as ids:
+        with contextlib.closing(tokenizer.encode_stream(((p.text, not p.begins) for p in texts), workers,
+                                                        allowed_special=None)) as ids:
             for piece, piece_ids in zip(pieces, ids):
                 writers[piece.split].add(piece_ids, piece.nbytes, bos if piece.begins else None,
                                          eos if piece.ends else None)
@@ -656,11 +663,10 @@ class TokenData:
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (0 for special tokens and unused ids), for bits per byte."""
-    lengths = torch.zeros(vocab_size, dtype=torch.float64)
     specials = set(tokenizer.special_tokens.values())
-    for token_id in range(tokenizer.vocab_size):
-        if token_id not in specials:
-            lengths[token_id] = len(tokenizer.decode_bytes([token_id]))
+    known = [0 if token is None or i in specials else len(token) for i, token in enumerate(tokenizer.vocab)]
+    lengths = torch.zeros(vocab_size, dtype=torch.float64)  # ids past the vocabulary: special tokens, unused
+    lengths[:len(known)] = torch.tensor(known, dtype=torch.float64)
     return lengths
 
 

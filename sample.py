@@ -277,7 +277,10 @@ def run(args):
         sys.stdout.write(decoder.flush() + "\n")
     else:
         for ids in samples:
-            sys.stdout.write(prompt + tokenizer.decode(ids) + "\n" + "-" * 40 + "\n")
+            # After a prompt, the bytes of the new tokens, as streaming writes them: decode() would take
+            # a SentencePiece-style space before the first new word for the prefix space of a text.
+            text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace") if prompt else tokenizer.decode(ids)
+            sys.stdout.write(prompt + text + "\n" + "-" * 40 + "\n")
     n = sum(map(len, samples))
     print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s on {device}]", file=sys.stderr)
     return 0

@@ -429,6 +429,29 @@ class Tokenizer:
         shift, mask, vocab = self._shift, (1 << self._shift) - 1, self.vocab
         return any(joins(vocab[key >> shift], vocab[key & mask]) for key in self._pairs)
 
+    @property
+    def cut_points(self):
+        """Where data.py may cut a long document into parts, encoded one by one (the later ones with
+        continuation=True), and still get the ids of the whole document:
+        "words": corpus.py's cut points (line starts, word starts, letter|punctuation; a hard cut
+            only where a long stretch has none), proven there for GPT-4's split pattern (every
+            tokenizer trained here, cl100k_base) and Llama 3's: the tokenizer's first pattern is
+            one of these, and no space marker rewrites the text before it.
+        a regex: only where it matches, at line starts (safe_cut), when safe_cut is not None and no
+            pattern splits but at spaces (SentencePiece style: Llama 2, Mistral), so that the merge
+            rule of _cuts_at_line_starts is the whole proof; a line may not start with the space
+            marker, which is a space by the time merges run.
+        None: nowhere. safe_cut is not trusted for other patterns: GPT-2's, for one, splits the last
+            whitespace character of a run off before a non-space one but not at the end of a text
+            ("\\n\\n" + "x" gives "\\n", "\\n", "x"), so a cut after a blank line changes the ids."""
+        if self.space_marker is None and self.patterns[:1] in ([GPT4_SPLIT_PATTERN], [LLAMA3_SPLIT_PATTERN]):
+            return "words"
+        if self.safe_cut is None or not set(self.patterns) <= {_WORDS, r" [^ ]*|[^ ]+"}:  # (hf.py's Metaspace split)
+            return None
+        if self.space_marker is None:
+            return self.safe_cut
+        return re.compile(rf"(?<=\n)(?=[^\s{re.escape(self.space_marker)}])")
+
     # ------------------------------------------------------------------------- encode
 
     def _pieces(self, text: str, at_start: bool) -> list:
@@ -564,20 +587,21 @@ class Tokenizer:
         return [ids.tolist() for ids in self.encode_stream(texts, num_workers, allowed_special)]
 
     def encode_stream(self, texts, num_workers=None, allowed_special="none"):
-        """Yield the encoding of each text of an iterable, in order, as an array('I') of ids.
+        """Yield the encoding of each text of an iterable, in order, as an array('I') of ids. An
+        item is a text, or a pair (text, continuation): see encode_ordinary.
 
         Worker processes get the tokenizer itself (pickled by __reduce__) and texts in ~256K-
         character chunks (big enough to amortise the transfer, small enough to balance the
-        workers); at most two chunks per worker are in flight, so memory stays bounded for a
-        corpus of any size. Each chunk comes back as one flat array and is only sliced, never
-        turned into Python ints. A worker that dies (out of memory, killed) raises
-        BrokenProcessPool at once instead of leaving the caller waiting.
+        workers), with their continuation flags as bytes; at most two chunks per worker are in
+        flight, so memory stays bounded for a corpus of any size. Each chunk comes back as one flat
+        array and is only sliced, never turned into Python ints. A worker that dies (out of memory,
+        killed) raises BrokenProcessPool at once instead of leaving the caller waiting.
         """
         encode = self.encode_ordinary if allowed_special is None else partial(self.encode, allowed_special=allowed_special)
         num_workers = os.cpu_count() if num_workers is None else num_workers
         if num_workers <= 1:
-            for text in texts:
-                yield array("I", encode(text))
+            for text, continuation in map(_with_flag, texts):
+                yield array("I", encode(text, continuation=continuation))
             return
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
@@ -750,28 +774,37 @@ def _init_worker(tokenizer, allowed_special, cache):
     _worker_tokenizer = (tokenizer, allowed_special)
 
 
-def _encode_chunk(texts):
-    """Encode a list of texts; one flat array pickles far faster than a list of int lists."""
+def _encode_chunk(chunk):
+    """Encode a chunk (texts, continuation flags); one flat array pickles far faster than a list
+    of int lists."""
     tok, allowed_special = _worker_tokenizer
+    encode = tok.encode_ordinary if allowed_special is None else partial(tok.encode, allowed_special=allowed_special)
     flat, lengths = array("I"), []
-    for text in texts:
-        ids = tok.encode_ordinary(text) if allowed_special is None else tok.encode(text, allowed_special)
+    for text, continuation in zip(*chunk):
+        ids = encode(text, continuation=continuation)
         flat.extend(ids)
         lengths.append(len(ids))
     return flat, lengths
 
 
+def _with_flag(item) -> tuple:
+    """(text, continuation) of an encode_stream item."""
+    return (item, False) if isinstance(item, str) else item
+
+
 def _chunks(texts, chunk_chars):
-    """Group an iterable of texts into lists of about chunk_chars characters."""
-    chunk, size = [], 0
-    for text in texts:
+    """Group an iterable of encode_stream items into (texts, continuation flags as bytes) of about
+    chunk_chars characters."""
+    chunk, flags, size = [], bytearray(), 0
+    for text, continuation in map(_with_flag, texts):
         chunk.append(text)
+        flags.append(bool(continuation))
         size += len(text)
         if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
+            yield chunk, bytes(flags)
+            chunk, flags, size = [], bytearray(), 0
     if chunk:
-        yield chunk
+        yield chunk, bytes(flags)
 
 
 def _unpack(flat, lengths):

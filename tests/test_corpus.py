@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 import corpus
 from corpus import (DataError, LINE_START, WORD_CUT, cut_text, list_sources, read_block, read_documents,
                     sample_texts, val_share)
-from tokenizer import GPT4_SPLIT_PATTERN
+from tokenizer import GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, SAFE_CUT
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text()
 split_pieces = regex.compile(GPT4_SPLIT_PATTERN).findall
+split_llama3 = regex.compile(LLAMA3_SPLIT_PATTERN).findall
 TRICKY = list("ab Z1 2\n\r\t.,!'s") + ["中文", "，", "。", "\u3000", "\xa0", "\x1c", "\x85", "\u2028", "é", "٣", "ll",
                                       "  ", "\r\n", "😀", " \n", "'S"]
 
@@ -39,11 +40,13 @@ def documents(pieces):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(TRICKY), max_size=40).map("".join))
 def test_safe_cut_points_keep_the_pieces_of_the_whole_text(text):
-    whole = split_pieces(text)
-    for pattern in (LINE_START, WORD_CUT):
-        for match in pattern.finditer(text):
-            cut = match.start()
-            assert split_pieces(text[:cut]) + split_pieces(text[cut:]) == whole, (text, cut)
+    """For GPT-4's split pattern and Llama 3's (Tokenizer.cut_points "words")."""
+    for split in (split_pieces, split_llama3):
+        whole = split(text)
+        for pattern in (LINE_START, WORD_CUT):
+            for match in pattern.finditer(text):
+                cut = match.start()
+                assert split(text[:cut]) + split(text[cut:]) == whole, (text, cut)
     parts = list(cut_text(text, limit=6))
     assert "".join(parts) == text and all(len(p) <= 6 for p in parts)
 
@@ -82,6 +85,64 @@ def test_a_huge_record_is_cut_into_bounded_pieces(tmp_path, monkeypatch):
     assert [p.ends for p in pieces].count(True) == 2 and pieces[0].begins and not pieces[1].begins
     assert max(len(p.text) for p in pieces) <= 1000 and len(pieces) > 50
     assert [t for p in pieces[:-1] for t in split_pieces(p.text)] == split_pieces(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["ab", " ", "\n", "xy\n", "  z\n", "é", "|"]), min_size=1, max_size=60).map("".join),
+       st.lists(st.integers(1, 12), min_size=1, max_size=20), st.sampled_from([SAFE_CUT, None]))
+def test_recut_gives_pieces_that_end_at_cut_points(text, sizes, cut):
+    """Documents ("|" between them) read in pieces of `sizes` characters, re-cut with limit 8."""
+    pieces, by_end, position, k = [], {}, 0, 0
+    for document in text.split("|"):
+        start = 0
+        while start < len(document):
+            end = min(len(document), start + sizes[k % len(sizes)])
+            by_end[position + end] = (0, position + end, k)
+            pieces.append(corpus.Piece(document[start:end], len(document[start:end].encode()), "train", start == 0,
+                                       end == len(document), by_end[position + end], position + end))
+            start, k = end, k + 1
+        position += len(document)
+    out, position = list(corpus.recut(iter(pieces), cut, limit=8)), 0
+    assert documents(out) == documents(pieces)
+    whole = text.replace("|", "")
+    points = [0] + [m.start() for m in SAFE_CUT.finditer(whole)] + [len(whole)]
+    for piece in out:
+        position += len(piece.text)
+        assert piece.nbytes == len(piece.text.encode()) and piece.resume == by_end.get(position)
+        assert piece.ends or cut and cut.match(whole, position)
+        assert not cut or len(piece.text) <= 8 + 12 + max(b - a for a, b in zip(points, points[1:]))
+
+
+def test_documents_are_cut_only_where_the_tokenizer_allows(tmp_path, monkeypatch, capsys):
+    """cuts=SAFE_CUT (SentencePiece style): pieces meet only at line starts, a long line is held
+    whole, the documents and splits are those of the default cuts, and reading resumed from any
+    piece's resume gives the pieces after it. cuts=None: each document is one piece."""
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
+    monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 3000)
+    lines = SHAKESPEARE[:60_000].splitlines(keepends=True)
+    words = SHAKESPEARE[:60_000].split()
+    text = ("".join(lines[:800]) + " ".join(words[:5000]) + "\n" + "".join(f"  {line}" for line in lines[800:1000])
+            + "".join(" ".join(words[i:i + 1000]) + "\n" for i in range(0, 8000, 1000)) + "".join(lines[1000:]))
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": "".join(lines[i:i + 400])}) + "\n" for i in (0, 400)))
+    sources = list_sources([tmp_path / "t.txt", tmp_path / "r.jsonl"])
+    default = pieces_of(sources[0].path, 0.2) + pieces_of(sources[1].path, 0.2)
+    pieces = list(read_documents(sources, 0.2, cuts=SAFE_CUT))
+    assert documents(pieces) == documents(default) and len(pieces) > 10
+    for before, piece in zip(pieces, pieces[1:]):
+        assert piece.begins or SAFE_CUT.match(before.text[-1] + piece.text[0], 1), (before.text[-30:], piece.text[:30])
+    for piece in pieces:  # bounded but for the longest stretch without a cut point (the long line, the indented lines)
+        cuts = [0] + [m.start() for m in SAFE_CUT.finditer(piece.text)] + [len(piece.text)]
+        assert len(piece.text) <= 3000 + 2 * 4096 + max(b - a for a, b in zip(cuts, cuts[1:]))
+    assert max(len(p.text) for p in pieces) > 3000 + 2 * 4096  # a stretch without a cut point, held whole
+    assert any(p.resume and not p.ends for p in pieces)  # resumable inside a document
+    for k, piece in enumerate(pieces):
+        if piece.resume:
+            assert list(read_documents(sources, 0.2, start=piece.resume, cuts=SAFE_CUT)) == pieces[k + 1:]
+    monkeypatch.setattr(corpus, "HUGE_DOCUMENT_CHARS", 10_000)  # several documents are longer
+    whole = list(read_documents(sources, 0.2, cuts=None))
+    assert [(p.split, p.text) for p in whole] == documents(default) and all(p.begins and p.ends for p in whole)
+    assert capsys.readouterr().err.count("allows no cut in more than") == 1
 
 
 def test_blocks_found_by_seeking_are_the_blocks_read_in_order(tmp_path, monkeypatch):

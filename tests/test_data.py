@@ -356,6 +356,15 @@ def test_bits_per_byte_by_hand():
     assert lengths[tok.eos_id] == 0 and lengths[299] == 0  # special and unused ids stand for no text
 
 
+def test_token_byte_lengths_skip_the_gaps_of_an_imported_vocabulary():
+    """Imported vocabularies may leave ids unused (vocab[i] is None), which decode_bytes refuses."""
+    vocab = [bytes([b]) for b in range(256)] + [None, b"ab", None]
+    tok = Tokenizer(r"\w+| ", (), {EOT: 260}, vocab=vocab)
+    assert tok.encode_ordinary("ab a") == [257, 32, 97] and tok.vocab_size == 261
+    lengths = token_byte_lengths(tok, 264)
+    assert lengths.tolist() == [1.0] * 256 + [0.0, 2.0] + [0.0] * 6
+
+
 def test_evaluation_bits_per_byte_matches_a_hand_computation(tmp_path, tokenizer_file):
     """A model with uniform logits loses ln(V) nats on every token: bpb = n ln V / (ln 2 * bytes)."""
     from config import TrainConfig, plan_batch

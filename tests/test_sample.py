@@ -278,6 +278,25 @@ def favour_padding(monkeypatch, tokenizer_vocab_size):
     monkeypatch.setattr(Transformer, "forward", padding_first)
 
 
+def test_samples_keep_the_space_after_the_prompt_sentencepiece_style(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """decode() takes a SentencePiece-style leading space for a text's prefix space; after a prompt
+    it is the space before the first new word, and only after an empty one a prefix."""
+    import shutil
+    import sample
+    folder = tmp_path / "run"
+    shutil.copytree(ckpt_dir, folder)
+    tok = Tokenizer(None, (), {"<unk>": 0, "<s>": 1, "</s>": 2}, vocab=[b"<unk>", b"<s>", b"</s>"] + [
+        bytes([b]) for b in range(256)] + [b" "], merge_rule="pairs", symbols="chars", byte_tokens=list(range(3, 259)),
+                    space_marker="\u2581", prefix="always", bos="<s>", eos="</s>")
+    tok.save(folder / "tokenizer.json")
+    world = tok.encode_ordinary(" world", continuation=True)
+    assert world[0] == 259 and tok.decode(world) == "world"
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: [world] * args[6])  # args[6]: num_samples
+    for prompt, text in (("Hello", "Hello world"), ("", "world")):
+        assert main(["--ckpt", str(folder), "--prompt", prompt, "--num-samples", "2"]) == 0
+        assert capsys.readouterr().out == (text + "\n" + "-" * 40 + "\n") * 2
+
+
 def test_padding_rows_of_the_vocabulary_are_never_sampled(ckpt_dir, tmp_path, capsys, monkeypatch):
     folder, tokenizer = padded_checkpoint(ckpt_dir, str(tmp_path))
     favour_padding(monkeypatch, tokenizer.vocab_size)

@@ -12,10 +12,13 @@ import json
 import pickle
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import corpus
+import data
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, LINE_SAFE_PATTERNS, LLAMA3_SPLIT_PATTERN,
                        SAFE_CUT, Tokenizer, TokenizerError)
 from tests.test_tokenizer import CORPUS
@@ -236,6 +239,55 @@ def test_no_safe_cut_where_a_merge_joins_lines(hf_files, tmp_path):
     obj["model"]["merges"].append(["\n", "T"])
     (tmp_path / "tokenizer.json").write_text(json.dumps(obj))
     assert Tokenizer.load(tmp_path).safe_cut is None
+
+
+@pytest.mark.parametrize("kind, workers", [("llama2", 2), ("mistral_always_split", 1), ("gpt2", 1), ("llama3", 1)])
+def test_prepare_gives_each_document_the_ids_of_the_whole(hf_files, tmp_path, monkeypatch, kind, workers):
+    """data.prepare cuts a text file into blocks and long records into pieces, and encodes the
+    pieces one by one; every document still gets the tokenizers library's ids of the whole of it,
+    with BOS before and EOS after. Each kind has its own cut points (Tokenizer.cut_points):
+    SentencePiece style only line starts, and no prefix space inside a document; GPT-2's pattern
+    none (it splits "\n\n" before a letter, not at the end of a text); Llama 3's corpus.py's."""
+    folder, reference = hf_files[kind]
+    if kind == "gpt2":  # GPT-2's "\n\n" token, which this small vocabulary lacks
+        obj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        obj["model"]["vocab"]["ĊĊ"] = max(obj["model"]["vocab"].values()) + 1
+        obj["model"]["merges"].append(["Ċ", "Ċ"])
+        folder = tmp_path / "gpt2"
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps(obj), encoding="utf-8")
+        reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        assert reference_ids(reference, "a\n\n") != reference_ids(reference, "a\n\nb")[:-1]  # so a cut there shows
+    tok = Tokenizer.load(folder)
+    monkeypatch.setattr(corpus, "MAX_BLOCK", 1024)
+    monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 2000)
+    flags, stream = [], Tokenizer.encode_stream
+    monkeypatch.setattr(Tokenizer, "encode_stream", lambda self, items, *args, **kwargs: stream(
+        self, (flags.append(item[1]) or item for item in items), *args, **kwargs))
+    lines = CORPUS[:30_000].splitlines(keepends=True)
+    long_line = " ".join(lines[500:700]).replace("\n", "") + "\n"
+    text = ("".join(line.replace("\n", "\r\n") if k % 3 else line for k, line in enumerate(lines[:300]))
+            + "".join(lines[300:500]) + "▁marker at a line start\n" + long_line + ZH * 50 + "".join(lines[700:]))
+    (tmp_path / "a.txt").write_text(text, newline="")
+    records = ["".join(lines[:150]), "short", "  " + "".join(lines[150:300]), ZH * 100]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    meta = data.prepare(inputs, str(tmp_path / "out"), tokenizer_path=str(folder), val_fraction=0.2,
+                        num_workers=workers, verbose=False)
+    sources = corpus.list_sources(inputs)
+    expected, document, bos = {"train": [], "val": []}, "", [tok.bos_id] if tok.bos_id is not None else []
+    for piece in corpus.read_documents(sources, corpus.val_share(sources, 0.2, data.VAL_MAX_BYTES)):
+        document += piece.text
+        if piece.ends:
+            expected[piece.split] += bos + reference_ids(reference, document) + [tok.eos_id]
+            document = ""
+    for split in ("train", "val"):
+        shards = meta["splits"][split]["shards"]
+        ids = np.concatenate([np.fromfile(tmp_path / "out" / s["path"], dtype=meta["dtype"]) for s in shards])
+        assert ids.tolist() == expected[split], split
+    rule = tok.cut_points
+    assert (rule is None) == (kind == "gpt2") and (rule == "words") == (kind == "llama3")
+    assert sum(flags) > 20 if rule else not any(flags)  # pieces encoded as continuations of their document
 
 
 def test_streaming_decode_equals_whole_decode(hf_files):
