@@ -36,7 +36,7 @@ import torch
 
 import checkpoint
 from model import ModelConfig, Transformer
-from tokenizer import EOT, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, Tokenizer, TokenizerError
+from tokenizer import EOT, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, METASPACE_SPLIT, Tokenizer, TokenizerError
 
 CONFIG_FILE = "config.json"
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> architecture
@@ -461,7 +461,6 @@ def export(model: Transformer, tokenizer, folder, max_shard_bytes: int = MAX_SHA
 # SentencePiece-style ones write tokens as text with "▁" for a space and "<0xAB>" byte tokens.
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-_METASPACE_SPLIT = r" [^ ]*|[^ ]+"  # Metaspace(split=True) in Tokenizer's terms: a piece starts at each space
 _DOCUMENT_ENDS = ("<|end_of_text|>", "</s>", EOT)  # the end-of-document token, where a tokenizer has one of these
 _LLAMA3_RANKS = 128_000
 # Llama 3.1's special tokens (ids 128000-128255; Llama 3.0 named a few of the reserved ones differently)
@@ -629,7 +628,7 @@ def _sentencepiece_style(normalizers, pre, decoders, strings, refuse):
                 refuse(f"Metaspace prepend_scheme {scheme!r}")
             marker, prefix = replacement, {"always": "unless_space", "first": "first_unless_space"}.get(scheme)
         if step.get("split", True):
-            patterns = [_METASPACE_SPLIT]
+            patterns = [METASPACE_SPLIT]
     if marker is None:
         refuse("SentencePiece-style BPE without the Metaspace pre-tokenizer or the Prepend + Replace normalizer")
     for step in decoders:
@@ -723,7 +722,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> str:
             *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in tok.patterns),
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     else:
-        if tok.patterns not in ([], [_METASPACE_SPLIT]):
+        if tok.patterns not in ([], [METASPACE_SPLIT]):
             raise TokenizerError(f"a SentencePiece-style tokenizer with split patterns {tok.patterns} has no tokenizer.json form")
         normalizer = None if tok.prefix != "always" else {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": tok.space_marker},

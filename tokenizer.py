@@ -11,6 +11,7 @@ and `encode` gives the same ids as tiktoken. The Tokenizer class also holds Hugg
     python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
 """
 import argparse
+import functools
 import hashlib
 import heapq
 import json
@@ -37,8 +38,6 @@ _GPT4_ASCII_PATTERN = (rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?+[A-Za-z]+|[0
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                         r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# No piece of these runs from a newline into a non-space character (see SAFE_CUT).
-LINE_SAFE_PATTERNS = (GPT4_SPLIT_PATTERN, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN)
 # When SentencePiece-style tokenizers put a space in front of a text (Hugging Face: the Prepend
 # normalizer; Metaspace's prepend_scheme "always" and "first"): never, always (a non-empty text),
 # unless the text starts with one, or that but only at the start of the whole text (not after a
@@ -53,6 +52,7 @@ _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")  # the first line of 
 _CACHE_LIMIT = 1 << 20  # pieces; the encode cache is cleared when full so data prep over GBs stays bounded
 _CACHE_PIECE_CHARS = 256  # longer pieces are not cached
 _WORDS = r" *[^ ]+| +"  # a piece starts at each space that follows something else
+METASPACE_SPLIT = r" [^ ]*|[^ ]+"  # Hugging Face's Metaspace(split=True): a piece starts at each space
 
 
 class TokenizerError(ValueError):
@@ -312,7 +312,6 @@ class Tokenizer:
                           byte_tokens=self.byte_tokens, space_marker=space_marker, prefix=prefix,
                           ignore_merges=ignore_merges, bos=bos, eos=eos)  # what pickling sends
         self._special_re = None  # built on first use by encode()
-        self.safe_cut = SAFE_CUT if self._cuts_at_line_starts() else None
         self.accelerate = True  # encode with tiktoken when it can; False: the Python code (the reference)
         self._fast = None
         self._cache = {}
@@ -413,23 +412,12 @@ class Tokenizer:
         table = sorted((value >> shift, key >> shift, key & mask, value & mask) for key, value in self._pairs.items())
         return [(a, b, new) for _, a, b, new in table]
 
-    def _cuts_at_line_starts(self) -> bool:
-        """Whether text can be cut at SAFE_CUT and the parts encoded one by one (the later ones with
-        continuation=True) with the same ids: one of the split patterns never makes a piece across
-        such a cut (LINE_SAFE_PATTERNS), or no merge can join a token that ends in a newline to one
-        that starts with something else than whitespace (and no whole piece is looked up)."""
-        if any(p in LINE_SAFE_PATTERNS for p in self.patterns):
-            return True
-        if self.ignore_merges:  # a whole piece across the cut could be one token
-            return False
-        return not self._any_merge(lambda a, b: a.endswith(b"\n") and not b[:1].isspace())
-
     def _any_merge(self, joins) -> bool:
         """Whether joins(left bytes, right bytes) holds for a pair that merges."""
         shift, mask, vocab = self._shift, (1 << self._shift) - 1, self.vocab
         return any(joins(vocab[key >> shift], vocab[key & mask]) for key in self._pairs)
 
-    @property
+    @functools.cached_property
     def cut_points(self):
         """Where data.py may cut a long document into parts, encoded one by one (the later ones with
         continuation=True), and still get the ids of the whole document:
@@ -437,20 +425,19 @@ class Tokenizer:
             only where a long stretch has none), proven there for GPT-4's split pattern (every
             tokenizer trained here, cl100k_base) and Llama 3's: the tokenizer's first pattern is
             one of these, and no space marker rewrites the text before it.
-        a regex: only where it matches, at line starts (safe_cut), when safe_cut is not None and no
-            pattern splits but at spaces (SentencePiece style: Llama 2, Mistral), so that the merge
-            rule of _cuts_at_line_starts is the whole proof; a line may not start with the space
-            marker, which is a space by the time merges run.
-        None: nowhere. safe_cut is not trusted for other patterns: GPT-2's, for one, splits the last
-            whitespace character of a run off before a non-space one but not at the end of a text
-            ("\\n\\n" + "x" gives "\\n", "\\n", "x"), so a cut after a blank line changes the ids."""
+        a regex: line starts (a newline, then neither whitespace nor the space marker, which is a
+            space by the time merges run), for tokenizers whose patterns split only at spaces
+            (SentencePiece style: Llama 2, Mistral) and in which no merge joins a token that ends in a
+            newline to one that does not start with whitespace, nor is a whole piece looked up.
+        None: nowhere, for every other tokenizer. Other split patterns are not proven: GPT-2's splits
+            the last whitespace character of a run off before a non-space one but not at the end of a
+            text ("\n\n" + "x" gives "\n", "\n", "x"), so a cut after a blank line changes the ids."""
         if self.space_marker is None and self.patterns[:1] in ([GPT4_SPLIT_PATTERN], [LLAMA3_SPLIT_PATTERN]):
             return "words"
-        if self.safe_cut is None or not set(self.patterns) <= {_WORDS, r" [^ ]*|[^ ]+"}:  # (hf.py's Metaspace split)
+        if (not set(self.patterns) <= {_WORDS, METASPACE_SPLIT} or self.ignore_merges
+                or self._any_merge(lambda a, b: a.endswith(b"\n") and not b[:1].isspace())):
             return None
-        if self.space_marker is None:
-            return self.safe_cut
-        return re.compile(rf"(?<=\n)(?=[^\s{re.escape(self.space_marker)}])")
+        return re.compile(rf"(?<=\n)(?=[^\s{re.escape(self.space_marker or '')}])")
 
     # ------------------------------------------------------------------------- encode
 
@@ -507,7 +494,7 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str, continuation=False) -> list:
         """Encode text, treating special tokens' text as plain text. continuation=True: `text`
-        continues a text cut at `safe_cut` (data.py reads big files in parts), so no SentencePiece
+        continues a text cut at `cut_points` (data.py reads big files in parts), so no SentencePiece
         prefix space goes in front of it."""
         if fast := self._tiktoken():
             return fast(text)

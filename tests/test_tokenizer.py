@@ -1,6 +1,5 @@
 import json
 import pickle
-import re
 from collections import Counter
 from pathlib import Path
 

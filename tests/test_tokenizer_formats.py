@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 
 import corpus
 import data
-from tokenizer import (EOT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, LINE_SAFE_PATTERNS, LLAMA3_SPLIT_PATTERN,
-                       SAFE_CUT, Tokenizer, TokenizerError)
+from tokenizer import EOT, GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, Tokenizer, TokenizerError
 from tests.test_tokenizer import CORPUS
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -208,37 +207,32 @@ def test_bos_eos_and_sizes(hf_files):
     assert llama2.byte_tokens == list(range(3, 259)) and llama2.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(texts, st.just("\n"), st.just("\nX")), max_size=6).map("".join))
-def test_line_safe_patterns_never_cross_a_safe_cut(text):
-    cuts = {m.start() for m in SAFE_CUT.finditer(text)}
-    for pattern in LINE_SAFE_PATTERNS:
-        position = 0
-        for piece in Tokenizer(pattern, (), ())._stages[0](text):
-            assert not any(position < cut < position + len(piece) for cut in cuts), (pattern, piece)
-            position += len(piece)
-
-
 @pytest.mark.parametrize("kind", HF_KINDS)
-def test_encoding_in_parts_at_safe_cuts(hf_files, kind):
-    """What data.py does with a big file: cut at tok.safe_cut, the later parts with continuation=True."""
+def test_encoding_in_parts_at_the_cut_points(hf_files, kind):
+    """What data.py does with a big file: cut where tok.cut_points allows (a regex: line starts, for the
+    SentencePiece-style kinds), the later parts with continuation=True. "words" (GPT-4's and Llama 3's
+    patterns) is proven in tests/test_corpus.py; other patterns are never cut."""
     tok = Tokenizer.load(hf_files[kind][0])
-    assert tok.safe_cut is SAFE_CUT
+    expected = "words" if kind == "llama3" else "regex" if kind in ("llama2", "mistral_first_whole",
+                                                                  "mistral_always_split") else None
+    assert (tok.cut_points if tok.cut_points in ("words", None) else "regex") == expected
+    if expected != "regex":
+        return
     text = "  Intro line\n" + CORPUS[:4000] + "\n中文开头\n  indented\nLast" + ZH
-    cuts = [m.start() for m in tok.safe_cut.finditer(text)][::7] + [len(text)]
+    cuts = [m.start() for m in tok.cut_points.finditer(text)][::7] + [len(text)]
     parts = [text[a:b] for a, b in zip([0] + cuts, cuts)]
     for encoder in (tok, python_encoder(tok)):
         ids = [i for k, part in enumerate(parts) for i in encoder.encode_ordinary(part, continuation=k > 0)]
         assert ids == encoder.encode_ordinary(text)
 
 
-def test_no_safe_cut_where_a_merge_joins_lines(hf_files, tmp_path):
+def test_no_cut_points_where_a_merge_joins_lines(hf_files, tmp_path):
     obj = json.loads((hf_files["llama2"][0] / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = obj["model"]["vocab"]
     vocab["\n"], vocab["\nT"] = len(vocab), len(vocab) + 1
     obj["model"]["merges"].append(["\n", "T"])
     (tmp_path / "tokenizer.json").write_text(json.dumps(obj))
-    assert Tokenizer.load(tmp_path).safe_cut is None
+    assert Tokenizer.load(tmp_path).cut_points is None
 
 
 @pytest.mark.parametrize("kind, workers", [("llama2", 2), ("mistral_always_split", 1), ("gpt2", 1), ("llama3", 1)])
