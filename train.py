@@ -352,9 +352,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                                                broadcast_buffers=False, gradient_as_bucket_view=True)
         if cfg.compile:
-            # Regional compilation: each block on its own, so compile time does not grow with depth (the
-            # blocks share one shape, and each graph is small). Compiled in place, the parameter names
-            # and checkpoints are unchanged.
+            # Regional compilation: each block on its own. The blocks share their code, so one graph serves
+            # them all and compile time does not grow with depth. In place: parameter names are unchanged.
             for block in self.model.layers:
                 block.compile()
         self.forward = self.ddp or self.model

@@ -72,7 +72,8 @@ class TrainConfig:
 
     # system
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"                 # auto (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16,
+                                        # else fp32) | float32 | bfloat16; weights and AdamW stay fp32
     parallel: str = "ddp"               # ddp | fsdp, under torchrun (fsdp also on a single rank)
     activation_checkpointing: bool = False
     compile: bool = False

@@ -343,8 +343,12 @@ def test_tensorboard_without_the_package_is_a_one_line_error(data_dir, tmp_path,
 
 
 def test_compile_is_regional(data_dir, tmp_path, monkeypatch):
-    """--compile=true compiles each block on its own, in place: parameter names are unchanged and the
-    training steps compute the same losses (here with dynamo's eager backend: tracing, no code generation)."""
+    """--compile=true compiles each block on its own, in place: one graph serves every block (compile time does
+    not grow with depth), parameter names are unchanged and the training steps compute the same losses (here
+    with dynamo's eager backend: tracing, no code generation)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # forget graphs compiled earlier in this process
+    counters.clear()
     compiled = []
     original = torch.nn.Module.compile
     def compile_eagerly(module, *args, **kwargs):
@@ -357,6 +361,6 @@ def test_compile_is_regional(data_dir, tmp_path, monkeypatch):
         trainer = train.Trainer(cfg, plan_batch(cfg, 1), train.Runtime(0, 0, 1, torch.device("cpu")))
         losses[flag] = [trainer.train_step()[0] for _ in range(2)]
         names = [name for name, _ in trainer.model.named_parameters()]
-    assert compiled == list(trainer.model.layers)
+    assert compiled == list(trainer.model.layers) and counters["stats"]["unique_graphs"] == 1
     assert names == [name for name, _ in train.Transformer(cfg.model).named_parameters()]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)
