@@ -7,9 +7,10 @@
     python train.py --consolidate OUT_DIR             # FSDP sharded checkpoint -> OUT_DIR/ckpt-N.pt
 
 The loop: AdamW with warmup + cosine decay, gradient accumulation up to a global batch given in
-tokens, gradient clipping, bf16 autocast on CUDA over fp32 master weights, optional activation
-checkpointing and torch.compile; DDP or FSDP2 under torchrun; evaluation in nats per token and
-bits per byte; a log line and a JSONL record per interval; atomic checkpoints and exact resume.
+tokens, gradient clipping, bf16 autocast (on CUDA, and on CPUs with native bf16 matmuls) over fp32
+master weights, optional activation checkpointing and torch.compile (per block); DDP or FSDP2 under
+torchrun; evaluation in nats per token and bits per byte; a log line and a JSONL record per interval
+(and TensorBoard, optionally); atomic checkpoints and exact resume.
 """
 import argparse
 import dataclasses

@@ -5,6 +5,7 @@ One step = forward with loss and backward, no optimizer, batch 32 x seq 128 (409
 `python train.py`). The variants take turns step by step, so machine load falls on all of them alike;
 each reports the median step time after warmup, tokens/s, the FLOP/s implied by
 Transformer.flops_per_token() (PaLM's 6N + 12*L*H*Q*T), and its speed relative to the first variant.
+Then attention alone, fused and unfused kernels in both dtypes (why it runs in fp32 under CPU autocast).
 
     python bench/bench_model.py [--batch 32] [--seq 128] [--steps 7] [--warmup 2]
 """
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the project root: its modules a
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from config import small_model  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -68,6 +71,26 @@ def main():
         step_s = statistics.median(seconds)
         print(f"{name:<26} {step_s * 1e3:>8.1f} {n_tokens / step_s:>9,.0f} {flops / step_s / 1e9:>8.1f} "
               f"{first / step_s:>7.2f}x")
+    attention_alone(args.batch, config, args.warmup + args.steps)
+
+
+def attention_alone(batch: int, config, repeats: int):
+    """Causal SDPA forward + backward at the model's shape, per kernel and dtype: why model.attention runs
+    in fp32 under CPU autocast."""
+    shape = (batch, config.n_heads, config.max_seq_len, config.head_dim)
+    kernels = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    times = {}
+    for _ in range(repeats):
+        for kernel, backend in kernels.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+                start = time.perf_counter()
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                times.setdefault((kernel, str(dtype).removeprefix("torch.")), []).append(time.perf_counter() - start)
+    print(f"\nattention alone, forward + backward of {shape}, median of {repeats}:")
+    for (kernel, dtype), seconds in times.items():
+        print(f"  {kernel:<6} {dtype:<9} {statistics.median(seconds) * 1e3:7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,23 @@ def test_gpu_check_runs_every_mode_on_cpu(tmp_path):
     wide = checks["7B recipe at dim 128, 2 layers"]
     assert wide["tokens_per_s"] > 0 and wide["estimated_gib"] > 0 and wide["checkpoint_gb"] > 0
     assert not list(tmp_path.glob("gpu_check_*"))  # the runs and their checkpoints are deleted
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast(monkeypatch):
+    """PyTorch's CPU attention kernels are slower in bf16 than in fp32 (bench/bench_model.py), so under CPU
+    autocast the projections run in bf16 and attention in fp32; the block's output stays in bf16."""
+    import model
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", recording_sdpa)
+    m = model.Transformer(model.ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=16))
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(tokens)
+        assert m.layers[0].attention.wq(torch.zeros(1, 32)).dtype == torch.bfloat16
+    m(tokens)
+    assert seen == [torch.float32, torch.float32]
