@@ -190,6 +190,21 @@ def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_E
     return total / count
 
 
+def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None, through
+    F.scaled_dot_product_attention (fused kernels; each kv head serves its group of query heads without a copy).
+
+    Under CPU autocast it runs in fp32, unlike the projections around it: PyTorch's CPU attention kernels
+    are slower in bf16 than in fp32 (2.5x for the fused kernel's forward + backward on an AVX512-BF16 CPU,
+    `python bench/bench_model.py`), while its bf16 matmuls are about twice as fast.
+    """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), mask, dropout_p, enable_gqa).type_as(q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                          enable_gqa=enable_gqa)
+
+
 class KVCache(nn.Module):
     """Pre-allocated keys and values (as in gpt-fast), so decoding never reallocates."""
 
@@ -230,14 +245,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            # SDPA broadcasts each kv head over its group of query heads without copying.
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.n_kv_heads != self.n_heads)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
 
 

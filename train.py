@@ -7,9 +7,10 @@
     python train.py --consolidate OUT_DIR             # FSDP sharded checkpoint -> OUT_DIR/ckpt-N.pt
 
 The loop: AdamW with warmup + cosine decay, gradient accumulation up to a global batch given in
-tokens, gradient clipping, bf16 autocast on CUDA over fp32 master weights, optional activation
-checkpointing and torch.compile; DDP or FSDP2 under torchrun; evaluation in nats per token and
-bits per byte; a log line and a JSONL record per interval; atomic checkpoints and exact resume.
+tokens, gradient clipping, bf16 autocast (on CUDA, and on CPUs with native bf16 matmuls) over fp32
+master weights, optional activation checkpointing and torch.compile (per block); DDP or FSDP2 under
+torchrun; evaluation in nats per token and bits per byte; a log line and a JSONL record per interval
+(and TensorBoard, optionally); atomic checkpoints and exact resume.
 """
 import argparse
 import dataclasses
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import signal
+import shutil
 import socket
 import sys
 import time
@@ -123,10 +125,41 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, local_rank, world_size, device, host_group)
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+def native_bf16_cpu() -> str | None:
+    """The x86 feature that gives this CPU native bf16 matrix multiplies, or None.
+
+    With AMX tiles or AVX512-BF16 dot products oneDNN multiplies bf16 matrices about twice as fast as
+    fp32 or more (bench/bench_model.py); without them it emulates bf16, slower than fp32. Other CPUs
+    (Arm included) are not measured here, so dtype=auto keeps them in fp32.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    for feature, supported in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, supported, lambda: False)():
+            return feature
+    return None
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype, and why (for the start line). dtype=auto: bf16 on CUDA and on CPUs with
+    native bf16 matmuls, fp32 elsewhere. Weights, gradients and AdamW state stay fp32 either way."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), f"{cfg.dtype} (dtype={cfg.dtype})"
+    if device.type == "cuda":
+        return torch.bfloat16, "bf16 autocast (dtype=auto on CUDA)"
+    feature = native_bf16_cpu()
+    if feature:
+        return torch.bfloat16, f"bf16 autocast (dtype=auto: this CPU has {feature})"
+    return torch.float32, "float32 (dtype=auto: this CPU has no native bf16 matmul, AMX or AVX512-BF16)"
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class, or a one-line error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
 
 
 def check_shared_files(rt: Runtime, path: Path, what: str):
@@ -231,8 +264,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, plan: BatchPlan, rt: Runtime, resume_from: Path | None = None,
                  changes: dict | None = None, overwrite: bool = False):
         self.cfg, self.plan, self.rt = cfg, plan, rt
+        # TensorBoard's SummaryWriter class (checked before any work), opened once the first step is known
+        self.summary_writer = tensorboard_writer() if cfg.tensorboard and rt.is_main else None
+        self.tensorboard = None
         self.sharded = cfg.parallel == "fsdp" and rt.distributed
-        self.dtype = compute_dtype(cfg, rt.device)
+        self.dtype, self.dtype_reason = compute_dtype(cfg, rt.device)
         self.out_dir = Path(cfg.out_dir)
         self.start_time = time.time()
         if rt.is_main:
@@ -254,6 +290,7 @@ class Trainer:
             self._resume(resume_from, changes or {})
         else:
             torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank, as its data does
+            self._open_tensorboard(purge_step=0)
         self._wrap_model()
 
     def _wrap_model(self):
@@ -267,8 +304,12 @@ class Trainer:
             # is wasted traffic. Gradients as views of DDP's buckets save 4 bytes per parameter.
             self.ddp = DistributedDataParallel(self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                                                forward_sync_buffers=False, gradient_as_bucket_view=True)
-        forward = self.ddp or self.model
-        self.forward = torch.compile(forward) if self.cfg.compile else forward
+        if self.cfg.compile:
+            # Regional compilation: each block on its own. The blocks share their code, so one graph serves
+            # them all and compile time does not grow with depth. In place: parameter names are unchanged.
+            for block in self.model.layers:
+                block.compile()
+        self.forward = self.ddp or self.model
 
     def _prepare_out_dir(self, overwrite: bool):
         """Clear what an interrupted save left, and with --overwrite delete the previous run's checkpoints
@@ -280,6 +321,7 @@ class Trainer:
                 for old in checkpoint.list_checkpoints(self.out_dir, sharded):
                     checkpoint.delete(old)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
         (self.out_dir / ".run").write_text(f"{os.getpid()} {time.time()}")
 
     # -- checkpoints
@@ -311,6 +353,7 @@ class Trainer:
     def _resume(self, path: Path, changes: dict):
         state = checkpoint.load(path, self.model, self.optimizer, self._check_resumable)
         self.step, self.elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        self._open_tensorboard(purge_step=self.step + 1)  # the steps after the checkpoint are replayed
         rng = state["rng"][self.rt.rank] if self.rt.rank < len(state["rng"]) else None
         if rng is None:  # more ranks than the run that saved: a fresh stream for the new ones
             torch.manual_seed(self.cfg.seed + self.rt.rank + self.step)
@@ -348,8 +391,30 @@ class Trainer:
         if not self.rt.is_main:
             return
         print(line, flush=True)
+        now = time.time()
         with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            f.write(json.dumps({"time": round(now, 3), **record}) + "\n")
+        if self.tensorboard is not None:
+            self._log_tensorboard(record, line, now)
+
+    def _open_tensorboard(self, purge_step: int):
+        """Events at purge_step or later already in out_dir/tensorboard (from a run that stopped after its
+        last checkpoint) are hidden: the steps they describe are run again."""
+        if self.summary_writer is not None:
+            self.tensorboard = self.summary_writer(self.out_dir / "tensorboard", purge_step=purge_step, flush_secs=10)
+
+    def _log_tensorboard(self, record: dict, line: str, now: float):
+        """The record's numbers as scalars named "train/loss", "eval/val_bpb", "checkpoint/seconds", ...;
+        the config and the lines of other events (resume, signal, ...) as text."""
+        event, step = record.get("event", "train"), record["step"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.tensorboard.add_scalar(f"{event}/{key}", value, step, walltime=now)
+        if event == "start":
+            config = json.dumps(record["config"], indent=2)  # indented: shown as code, not as markdown
+            self.tensorboard.add_text("config", "    " + config.replace("\n", "\n    "), step)
+        if event not in ("train", "eval", "checkpoint"):
+            self.tensorboard.add_text("events", line, step, walltime=now)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
@@ -449,6 +514,8 @@ class Trainer:
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _loop(self) -> bool:
         cfg, rt, plan = self.cfg, self.rt, self.plan
@@ -457,9 +524,10 @@ class Trainer:
             if rt.device.type == "cuda" and self.dtype == torch.bfloat16 else None
         self.log({"event": "start", "step": self.step, "params": self.model.num_params(), "world_size": rt.world_size,
                   "grad_accum": plan.accum_steps, "micro_batch_size": plan.micro_batch_size,
-                  "global_batch_tokens": plan.global_batch_tokens, "config": dataclasses.asdict(cfg)},
+                  "global_batch_tokens": plan.global_batch_tokens, "dtype": str(self.dtype).removeprefix("torch."),
+                  "config": dataclasses.asdict(cfg)},
                  f"{self.model.num_params():,} parameters, {rt.world_size} rank(s) on {rt.device.type}, "
-                 f"{plan.accum_steps} micro-step(s) of {plan.micro_batch_size}x{cfg.model.max_seq_len} per step, "
+                 f"{self.dtype_reason}, {plan.accum_steps} micro-step(s) of {plan.micro_batch_size}x{cfg.model.max_seq_len} per step, "
                  f"{plan.global_batch_tokens:,} tokens per step, {cfg.max_steps} steps"
                  + (f" ({plan.note})" if plan.note else ""))
         if rt.device.type == "cuda":

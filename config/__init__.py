@@ -73,10 +73,12 @@ class TrainConfig:
     keep_checkpoints: int = 3           # the newest this many checkpoints stay on disk
     max_bad_steps: int = 3              # consecutive non-finite losses before the run stops
     sample_tokens: int = 200            # printed from the final model; 0 for none
+    tensorboard: bool = False           # also log to out_dir/tensorboard (needs the tensorboard package)
 
     # system
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"                 # auto (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16,
+                                        # else fp32) | float32 | bfloat16; weights and AdamW stay fp32
     parallel: str = "ddp"               # ddp | fsdp, under torchrun (fsdp also on a single rank)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -319,7 +321,8 @@ def load_file(path: str | None) -> TrainConfig:
 CHANGEABLE_ON_RESUME = {"max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                         "adam_eps", "grad_clip", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
                         "keep_checkpoints", "max_bad_steps", "sample_tokens", "micro_batch_size", "device", "dtype",
-                        "activation_checkpointing", "compile", "data_dir", "model.dropout", "tokenizer_memory_budget"}
+                        "activation_checkpointing", "compile", "data_dir", "model.dropout", "tokenizer_memory_budget",
+                        "tensorboard"}
 
 
 def resume_config(saved: dict, overrides: dict, out_dir: str) -> tuple[TrainConfig, dict]:

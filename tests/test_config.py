@@ -15,7 +15,7 @@ BAD_VALUES = {
     "beta1": "1", "beta2": "-0.1", "adam_eps": "0", "grad_clip": "-1", "eval_interval": "0", "eval_tokens": "0",
     "log_interval": "0", "ckpt_interval": "0", "keep_checkpoints": "0", "max_bad_steps": "0", "sample_tokens": "-1",
     "device": "gpu", "dtype": "fp16", "parallel": "zero3", "activation_checkpointing": "maybe", "compile": "2",
-    "seed": "-1",
+    "seed": "-1", "tensorboard": "maybe",
     "model.vocab_size": "0", "model.dim": "100", "model.n_layers": "0", "model.n_heads": "7", "model.n_kv_heads": "4",
     "model.ffn_hidden": "0", "model.multiple_of": "0", "model.max_seq_len": "-1", "model.norm": "batchnorm",
     "model.norm_eps": "nan", "model.rope_theta": "-1", "model.tie_embeddings": "sometimes", "model.dropout": "1",

@@ -38,7 +38,7 @@ def workdir(tmp_path_factory):
 
 def args(workdir, out, *extra):
     return [f"--inputs={workdir / 'corpus.txt'}", f"--data_dir={workdir / 'prepared'}", f"--out_dir={workdir / out}",
-            "--device=cpu",
+            "--device=cpu", "--dtype=float32",
             "--model.vocab_size=384", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
             "--model.n_kv_heads=2", "--model.ffn_hidden=128", "--model.max_seq_len=64", "--model.dropout=0.0",
             "--micro_batch_size=8", "--global_batch_tokens=1024", "--lr=3e-3", "--warmup_steps=2",

@@ -20,8 +20,10 @@ VOCAB = 384
 
 
 def tiny_args(data_dir, out_dir, *extra):
-    """A model of ~0.1M parameters on the first 200 kB of the bundled corpus: seconds per run."""
+    """A model of ~0.1M parameters on the first 200 kB of the bundled corpus: seconds per run. In float32,
+    whatever the CPU: dtype=auto would pick bf16 on some, and exact comparisons need one dtype."""
     return [f"--inputs={data_dir.parent / 'corpus.txt'}", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu",
+            "--dtype=float32",
             f"--model.vocab_size={VOCAB}", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
             "--model.ffn_hidden=128", "--model.max_seq_len=64", "--model.dropout=0.1", "--micro_batch_size=8",
             "--global_batch_tokens=1024", "--lr=3e-3", "--warmup_steps=5", "--eval_interval=10",
@@ -294,3 +296,78 @@ def test_weight_decay_groups():
     assert {names[id(p)] for p in no_decay["params"]} == {"tok_embeddings.weight", "layers.0.attention_norm.weight",
                                                           "layers.0.ffn_norm.weight", "norm.weight"}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
+    """bf16 autocast on CPU (what dtype=auto picks on CPUs with native bf16 matmuls) trains like float32: over 40
+    steps the train losses agree to 0.05 nats and the final validation to 0.02 bits per byte. bf16 keeps 8
+    bits of mantissa (relative rounding 0.4%) in the matmul inputs only; weights, optimizer, norms, softmax
+    and loss stay fp32, so the curves differ by noise far below what the run learns (over 1 nat here)."""
+    logs = {}
+    for dtype in ("float32", "bfloat16"):
+        assert train.main(tiny_args(data_dir, tmp_path / dtype, "--max_steps=40", "--eval_interval=20",
+                                    f"--dtype={dtype}", "--model.dropout=0.0")) == 0
+        logs[dtype] = read_log(tmp_path / dtype)
+    assert [r["dtype"] for r in logs["bfloat16"] if r.get("event") == "start"] == ["bfloat16"]
+    curves = {dtype: [r["loss"] for r in log if "loss" in r] for dtype, log in logs.items()}
+    assert max(abs(a - b) for a, b in zip(*curves.values())) < 0.05
+    evals = {dtype: [r for r in log if r.get("event") == "eval"] for dtype, log in logs.items()}
+    assert evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0  # the run learns
+    assert abs(evals["float32"][-1]["val_bpb"] - evals["bfloat16"][-1]["val_bpb"]) < 0.02
+
+
+def tensorboard_scalars(out_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out_dir / "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_the_records_of_log_jsonl(data_dir, tmp_path):
+    """The scalars are log.jsonl's numbers, step for step; after a restart from an older checkpoint the
+    replayed steps replace the first version of them, as they do in log.jsonl."""
+    pytest.importorskip("tensorboard")
+    args = ["--tensorboard=true", "--ckpt_interval=4", "--max_steps=8", "--log_interval=1", "--eval_interval=4"]
+    assert train.main(tiny_args(data_dir, tmp_path, *args)) == 0
+    (tmp_path / "ckpt-000008.pt").unlink()  # as if killed after logging step 8, before its checkpoint
+    assert train.main(tiny_args(data_dir, tmp_path, *args, "--resume", "--lr=1e-3")) == 0
+    log, scalars = read_log(tmp_path), tensorboard_scalars(tmp_path)
+    for tag, key, event in [("train/loss", "loss", None), ("train/lr", "lr", None),
+                            ("eval/val_bpb", "val_bpb", "eval")]:
+        expected = [(r["step"], r[key]) for r in log if key in r and r.get("event") == event]
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in expected], tag
+        assert [value for _, value in scalars[tag]] == pytest.approx([value for _, value in expected], rel=1e-6), tag
+    # the first run's steps 5-8 (lr up to 3e-3) were replaced by the resumed run's (lr at most 1e-3)
+    assert max(lr for step, lr in scalars["train/lr"] if step <= 4) > 1.5e-3
+    assert max(lr for step, lr in scalars["train/lr"] if step > 4) < 1.01e-3
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--tensorboard=true")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: tensorboard=true needs the tensorboard package: pip install tensorboard"
+    assert not (tmp_path / "log.jsonl").exists()  # refused before any work
+
+
+def test_compile_is_regional(data_dir, tmp_path, monkeypatch):
+    """--compile=true compiles each block on its own, in place: one graph serves every block (compile time does
+    not grow with depth), parameter names are unchanged and the training steps compute the same losses (here
+    with dynamo's eager backend: tracing, no code generation)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # forget graphs compiled earlier in this process
+    counters.clear()
+    compiled = []
+    original = torch.nn.Module.compile
+    def compile_eagerly(module, *args, **kwargs):
+        compiled.append(module)
+        original(module, backend="eager")
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    losses = {}
+    for flag in ("false", "true"):
+        cfg = load_config(None, tiny_args(data_dir, tmp_path / flag, f"--compile={flag}", "--model.dropout=0.0"))
+        trainer = train.Trainer(cfg, plan_batch(cfg, 1), train.Runtime(0, 0, 1, torch.device("cpu")))
+        losses[flag] = [trainer.train_step()[0] for _ in range(2)]
+        names = [name for name, _ in trainer.model.named_parameters()]
+    assert compiled == list(trainer.model.layers) and counters["stats"]["unique_graphs"] == 1
+    assert names == [name for name, _ in train.Transformer(cfg.model).named_parameters()]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)
