@@ -11,6 +11,7 @@ and `encode` gives the same ids as tiktoken.
 import argparse
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from itertools import chain, groupby
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import regex
 
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -68,106 +70,441 @@ def _splitter(pattern: str):
     return split
 
 
-def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes) -> Counter:
-    """Count each distinct piece once over the whole stream (the only pass over the corpus).
-    Special tokens are cut out first so that no piece straddles one. With max_bytes, reading
-    stops after that many UTF-8 bytes, i.e. training uses a prefix sample."""
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes that training may hold in its own structures (2 GiB)
+
+# Training holds its sample as one array of token ids, one position per byte of text. Every
+# piece ends with byte 0xFF, and a position merged into the token on its left is set to 0xFE:
+# UTF-8 uses neither byte, so neither id ever starts or ends a pair. span[p] is the length in
+# bytes of the token that starts at p, also stored at its last byte, so the next token starts
+# at p + span[p] and the previous one at p - span[p - 1].
+_SEP, _DEAD = 0xFF, 0xFE
+# A pair (a, b) is the int a * _PAIR + b: ordered like (a, b), and, _PAIR being odd and not a
+# power of two, its low bits (its slot in a dict) mix a and b. A heap entry is -count << 43 | pair.
+_PAIR, _MAX_ID, _HEAP_SHIFT = 3_145_739, 1 << 21, 43
+_BLOCK = 1 << 18  # positions read at a time when (re)counting pairs: bounds the temporaries
+_SLICE = 1 << 17  # occurrences handled at a time in one merge: bounds the temporaries
+# The memory model behind the budget; tests/test_tokenizer.py checks it against tracemalloc.
+_BYTES_PER_POSITION = 12  # per byte of the sample: ids 2, spans 2, pair positions 4, merge temporaries
+_BYTES_PER_PAIR = 240  # per tracked pair: its count, its positions' header, two dict entries
+_BYTES_PER_HEAP_ENTRY = 56
+_BYTES_PER_OCCURRENCE = 72  # temporaries of a merge, per occurrence of the pair merged
+_BYTES_PER_BLOCK_POSITION = 80  # temporaries of (re)counting, per position of a block or slice
+_DICT_SHARE = 8  # the piece-count dict may use 1/8 of the budget before its rarest pieces move out
+
+
+def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes, memory_budget, verbose=False):
+    """Read texts, split them into pieces and count the pieces: the only pass over the corpus.
+
+    Special tokens are cut out first so that no piece straddles one. Reading stops at the end
+    of texts, after max_bytes UTF-8 bytes, or when training on what was read would need more
+    than memory_budget (_training_memory): so texts should come in an order where any prefix
+    is a fair sample of the corpus. Distinct pieces are counted in a dict; when it outgrows
+    1/_DICT_SHARE of the budget, its rarer half moves out to a _Sample. A piece seen again
+    later starts a new entry: its count is then split over two entries, which changes no
+    pair count. Returns the _Sample and a line saying what was read.
+    """
     split = _splitter(pattern)
     cut = re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True)))).split if special_tokens else None
-    counts, seen = Counter(), 0
-    for text in texts:
-        if max_bytes is not None:
-            if seen >= max_bytes:
-                break
-            raw = text.encode("utf-8")
-            seen += len(raw)
-            if seen > max_bytes:
-                text = raw[:len(raw) - (seen - max_bytes)].decode("utf-8", "ignore")
+    counts, sample, n_read = Counter(), _Sample(), 0
+    entry_bytes, entry_positions, top_pair_share, measure_at = 200, 20, 1 / 16, 1 << 14  # until measured
+    reason, start = "the end of the input", time.perf_counter()
+    for text in _parts(texts, pattern):
+        if max_bytes is not None and n_read >= max_bytes:
+            reason = f"max_bytes ({max_bytes:,})"
+            break
+        n = len(text) if text.isascii() else len(text.encode("utf-8"))
+        if max_bytes is not None and n_read + n > max_bytes:
+            text = text.encode("utf-8")[:max_bytes - n_read].decode("utf-8", "ignore")
+            n = max_bytes - n_read
         for part in cut(text) if cut else (text,):
             counts.update(split(part))
-    return counts
+        n_read += n
+        if len(counts) >= measure_at:  # measure again each time the dict doubles
+            entry_bytes, entry_positions, top_pair_share = _dict_size(counts)
+            measure_at = 2 * len(counts)
+        if len(counts) * entry_bytes > memory_budget // _DICT_SHARE:
+            counts = sample.add(counts)
+            entry_bytes, entry_positions, top_pair_share = _dict_size(counts)
+            measure_at = max(2 * len(counts), 1 << 14)
+        in_dict = len(counts) * entry_positions
+        need = _training_memory(sample.size + in_dict, sample.top_pair() + top_pair_share * in_dict)
+        if need > memory_budget:
+            reason = f"the memory budget ({memory_budget / 2**20:,.0f} MiB)"
+            break
+        if verbose and n_read >> 26 != (n_read - n) >> 26:  # every 64 MB
+            print(f"sampling for the tokenizer: {n_read / 1e6:,.0f} MB read ({n_read / 1e6 / (time.perf_counter() - start):.1f} MB/s), "
+                  f"{need / memory_budget:.0%} of the memory budget", flush=True)
+    sample.add(counts, everything=True)
+    return sample, (f"tokenizer sample: {n_read / 1e6:,.2f} MB of text read, {sample.pieces:,} pieces kept "
+                    f"({sample.size / 1e6:,.2f} MB), stopped at {reason}")
 
 
-def _learn_merges(counts: dict, n_merges: int, verbose: bool) -> list:
-    """Learn n_merges merges by incremental BPE.
+def _training_memory(positions, largest_pair):
+    """The memory model: bytes that training needs for a sample of `positions` bytes whose most
+    frequent pair occurs `largest_pair` times."""
+    return positions * _BYTES_PER_POSITION + _temporaries(positions, largest_pair)
 
-    Each distinct piece is a str whose characters are token ids (chr(id)), so a merge is one
-    C-speed str.replace. pair_counts holds the frequency-weighted count of every adjacent pair
-    and where[pair] the pieces that may contain it (a list,
-    smaller than a set); a merge only visits those pieces and only
-    adjusts the pairs next to each merged occurrence. A max-heap gives the next pair, with lazy
-    invalidation: counts of existing pairs only ever fall, so a popped entry whose count is stale
-    is pushed back with its current count; pairs born in a merge are pushed after it.
-    Tie-break (deterministic): highest count, then the smallest (left id, right id).
+
+def _temporaries(positions, largest_pair):
+    """Bytes for the temporaries of counting pairs a block at a time and of the largest merge."""
+    return (8 << 20) + min(positions, max(_BLOCK, _SLICE)) * _BYTES_PER_BLOCK_POSITION + largest_pair * _BYTES_PER_OCCURRENCE
+
+
+def _parts(texts, pattern, size=1 << 20):
+    """The texts, with those over `size` characters cut into parts of about that size where the
+    GPT-4 pattern would cut anyway (SAFE_CUT), so that reading can stop inside a huge text."""
+    for text in texts:
+        if len(text) <= 2 * size or pattern != GPT4_SPLIT_PATTERN:
+            yield text
+            continue
+        start = 0
+        while cut := SAFE_CUT.search(text, start + size):
+            yield text[start:cut.start()]
+            start = cut.start()
+        yield text[start:]
+
+
+def _dict_size(counts):
+    """Measured on up to 4096 entries of a piece-count dict: its bytes and positions per entry,
+    and the share of those positions that start its most frequent byte pair."""
+    if not counts:
+        return 200, 20, 1 / 16
+    pieces = [piece.encode("utf-8") for piece in itertools.islice(counts, 4096)]
+    key_bytes = sum(map(sys.getsizeof, pieces)) / len(pieces) + 8  # ~ the str's size
+    positions = sum(map(len, pieces)) + len(pieces)
+    return sys.getsizeof(counts) / len(counts) + key_bytes + 32, positions / len(pieces), _top_byte_pair(pieces) / positions
+
+
+def _top_byte_pair(pieces) -> int:
+    """How often the most frequent pair of bytes occurs inside the pieces (a list of bytes)."""
+    b = np.frombuffer(b"\xff".join(pieces), np.uint8)
+    inside = (b[:-1] != _SEP) & (b[1:] != _SEP)
+    return int(np.bincount((b[:-1].astype(np.int64) << 8 | b[1:])[inside], minlength=1).max())
+
+
+class _Sample:
+    """The pieces kept for training, grouped by count: for each count, byte strings of UTF-8
+    pieces each followed by 0xFF; with their number, their size in bytes (= positions), the
+    longest piece, and how often each byte pair occurs in them (for the memory model)."""
+
+    def __init__(self):
+        self.blobs, self.pieces, self.size, self.longest = defaultdict(list), 0, 0, 0
+        self.byte_pairs = np.zeros(1 << 16, np.int64)
+
+    def top_pair(self) -> int:
+        return int(self.byte_pairs.max())
+
+    def add(self, counts, everything=False):
+        """Move the pieces of counts seen at most as often as the median piece (all with
+        everything=True) here; return a dict of the pieces left (a new one: deleting entries
+        does not shrink a dict)."""
+        limit = float("inf")
+        if not everything:  # the smallest count such that the pieces seen at most that often are half
+            total = 0
+            for limit, n in sorted(Counter(counts.values()).items()):
+                total += n
+                if 2 * total >= len(counts):
+                    break
+        by_count = defaultdict(list)
+        for piece, count in counts.items():
+            if count <= limit:
+                by_count[count].append(piece.encode("utf-8"))
+        for count, pieces in by_count.items():
+            blob = b"\xff".join(pieces) + b"\xff"
+            self.blobs[count].append(blob)
+            self.pieces, self.size, self.longest = self.pieces + len(pieces), self.size + len(blob), max(self.longest, max(map(len, pieces)))
+            b = np.frombuffer(blob, np.uint8)
+            inside = (b[:-1] != _SEP) & (b[1:] != _SEP)
+            self.byte_pairs += np.bincount((b[:-1].astype(np.int64) << 8 | b[1:])[inside], minlength=1 << 16)
+        return Counter() if everything else Counter({piece: count for piece, count in counts.items() if count > limit})
+
+
+class _Pairs:
+    """BPE training state over the sample held in arrays (see _SEP above).
+
+    Pair counts are exact sums of piece counts. A pair is tracked (its count in `counts`, the
+    positions where it may occur in `where`, an entry in `heap`) when its count is at least
+    `threshold`. Most pairs are rarer (in Chinese, millions of pairs of characters), and not
+    tracking them keeps memory bounded. This loses nothing: only pairs born in a merge are
+    new (and their count is known then), every other count can only fall, so whenever the
+    heap's top count is at least `threshold` it is the most frequent pair of all. When the heap
+    runs out of such pairs, all pairs are counted again with a lower threshold (index). The
+    threshold starts at 2 + (sample size / 16M): in a sample that size the merges of a
+    32k vocabulary never come near such counts. It rises when the tracked pairs outgrow the
+    memory budget (prune): then the rarest are dropped, and counted again if they are needed.
     """
-    words = [w.encode("utf-8").decode("latin-1") for w in counts]  # char i == byte i
-    freqs = list(counts.values())
-    pair_counts, where = defaultdict(int), defaultdict(list)
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for k in range(len(w) - 1):
-            pair = w[k:k + 2]
-            pair_counts[pair] += f
-            where[pair].append(i)
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
+
+    def __init__(self, sample, vocab_size, memory_budget, verbose=False):
+        size, stored = 1 + sample.size, sample.blobs
+        self.tok = np.empty(size, np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        self.tok[0] = _SEP
+        starts, weights, position = [], [], 1
+        for count in sorted(stored):  # pieces grouped by count: a position's count is one search away
+            starts.append(position)
+            weights.append(count)
+            for blob in stored.pop(count):
+                self.tok[position:position + len(blob)] = np.frombuffer(blob, np.uint8)
+                position += len(blob)
+        self.starts, self.weights = np.array(starts, np.int64), np.array(weights, np.int64)
+        self.span = np.ones(size, np.uint16 if sample.longest < 1 << 16 else np.int32)
+        self.positions = np.int32 if size < 1 << 31 else np.int64
+        self.budget, self.prune_above, self.verbose = memory_budget, memory_budget, verbose
+        self.threshold, self.n_ids = 2 + (size >> 24), 256
+        self.counts, self.where, self.heap, self.where_bytes, self.skipped, self.largest = {}, {}, [], 0, set(), 0
+
+    def memory(self) -> int:
+        """Estimated bytes held by the training structures (what the budget bounds)."""
+        return (self.tok.nbytes + self.span.nbytes + self.where_bytes + len(self.counts) * _BYTES_PER_PAIR
+                + len(self.heap) * _BYTES_PER_HEAP_ENTRY + _temporaries(len(self.tok), self.largest))
+
+    def weight(self, positions):
+        """The count of the piece at each position."""
+        if len(self.weights) == 1:
+            return np.full(len(positions), self.weights[0], np.int64)
+        return self.weights[np.searchsorted(self.starts, positions, "right") - 1]
+
+    def pairs_in(self, lo):
+        """(left ids, right ids, positions) of the pairs that start in tok[lo:lo + _BLOCK]."""
+        tok, span = self.tok, self.span
+        p = np.flatnonzero((tok[lo:lo + _BLOCK] | 1) != _SEP) + lo  # token starts: not 0xFE or 0xFF
+        right = tok[p + span[p]]
+        p = p[right != _SEP]
+        return tok[p].astype(np.int64), right[right != _SEP].astype(np.int64), p.astype(self.positions)
+
+    def index(self):
+        """Count every pair and track those seen at least `threshold` times (see the class).
+        Two passes over the sample, a block at a time, one for the counts and one for the
+        positions; with many distinct pairs, once per part of them (by key) that fits in memory."""
+        self.counts, self.where, self.heap, self.where_bytes = {}, {}, [], 0
+        dense = self.n_ids <= 1 << 10  # few ids (the start of training): a pair is a bincount slot
+        n_parts = 1
+        if not dense:  # a part's distinct pairs take ~80 bytes each while counted; pairs <= positions
+            live = sum(np.count_nonzero((self.tok[lo:lo + _BLOCK] | 1) != _SEP) for lo in range(0, len(self.tok), _BLOCK))
+            n_parts = -(-80 * live // max(self.budget - self.memory(), self.budget // 8))
+        for part in range(n_parts):
+            self._index_part(part, n_parts, dense)
+        self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
+        heapq.heapify(self.heap)
+        self.largest = max(map(len, self.where.values()), default=0) // np.dtype(self.positions).itemsize
+
+    def _index_part(self, part, n_parts, dense):
+        """index() for the pairs whose key % n_parts == part."""
+        n_ids, blocks = self.n_ids, range(0, len(self.tok), _BLOCK)
+
+        def pairs_in(lo):  # (codes, positions) of this part's pairs that start in tok[lo:lo + _BLOCK]
+            a, b, p = self.pairs_in(lo)
+            code = a * n_ids + b if dense else a * _PAIR + b
+            if n_parts > 1:
+                mine = code % n_parts == part
+                code, p = code[mine], p[mine]
+            return code, p
+
+        if dense:
+            totals, sizes = np.zeros(n_ids * n_ids, np.int64), np.zeros(n_ids * n_ids, np.int64)
+        else:
+            codes, totals, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for lo in blocks:  # pass 1: the weighted count and the number of positions of each pair
+            code, p = pairs_in(lo)
+            if dense:
+                totals += np.bincount(code, self.weight(p), n_ids * n_ids).astype(np.int64)
+                sizes += np.bincount(code, None, n_ids * n_ids)
+            else:
+                block_codes, inverse, block_sizes = np.unique(code, return_inverse=True, return_counts=True)
+                block_totals = np.bincount(inverse, self.weight(p), len(block_codes)).astype(np.int64)
+                codes, inverse = np.unique(np.concatenate([codes, block_codes]), return_inverse=True)
+                totals = np.bincount(inverse, np.concatenate([totals, block_totals]), len(codes)).astype(np.int64)
+                sizes = np.bincount(inverse, np.concatenate([sizes, block_sizes]), len(codes)).astype(np.int64)
+        if dense:
+            codes = np.flatnonzero(sizes)
+            totals, sizes = totals[codes], sizes[codes]
+        keys = codes // n_ids * _PAIR + codes % n_ids if dense else codes
+        keep = (totals >= self.threshold) & ~np.isin(keys, list(self.skipped))
+        codes, keys, totals, sizes = codes[keep], keys[keep], totals[keep], sizes[keep]
+        where = [np.empty(size, self.positions) for size in sizes.tolist()]
+        filled = [0] * len(where)
+        for lo in blocks:  # pass 2: the positions, into arrays of the sizes found
+            code, p = pairs_in(lo)
+            group = np.minimum(np.searchsorted(codes, code), max(len(codes) - 1, 0))
+            found = codes[group] == code if len(codes) else np.zeros(len(p), bool)
+            group, p = group[found], p[found]
+            order = np.argsort(group.astype(np.uint16) if len(codes) <= 1 << 16 else group, kind="stable")
+            group, p = group[order], p[order]
+            bounds = np.flatnonzero(group[1:] != group[:-1]) + 1
+            starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), len(p)]
+            for g, s, e in zip(group[starts].tolist() if len(p) else [], starts, ends):
+                where[g][filled[g]:filled[g] + e - s] = p[s:e]
+                filled[g] += e - s
+        for i, (key, count) in enumerate(zip(keys.tolist(), totals.tolist())):
+            self.counts[key] = count
+            self.where[key], where[i] = where[i].tobytes(), None  # bytes: a smaller header than an array's
+        self.where_bytes += int(sizes.sum()) * np.dtype(self.positions).itemsize
+
+    def pop(self):
+        """The most frequent pair as (key, count), ties to the smallest key, or None if there is none."""
+        while True:
+            if self.heap:
+                entry = heapq.heappop(self.heap)
+                key, count = entry & (1 << _HEAP_SHIFT) - 1, -(entry >> _HEAP_SHIFT)
+                current = self.counts.get(key)
+                if current != count:  # stale: the pair was merged, dropped, or its count fell
+                    if current is not None:
+                        heapq.heappush(self.heap, -current << _HEAP_SHIFT | key)
+                    continue
+                if count >= self.threshold:
+                    return key, count
+            elif self.threshold == 1:
+                return None
+            else:
+                count = self.threshold
+            # An untracked pair may be as frequent as `count`: count them all again.
+            self.threshold = max(1, min(count, self.threshold // 2))
+            if self.verbose:
+                print(f"counting all pairs again, tracking those seen at least {self.threshold} times", flush=True)
+            self.index()
+
+    def drop(self, key):
+        """Stop tracking a pair (merged, too rare to keep, or never to be merged)."""
+        del self.counts[key]
+        self.where_bytes -= len(self.where.pop(key))
+
+    def merge(self, key, new):
+        """Replace every occurrence of pair `key` = (a, b) by token `new`, left to right, and move
+        the counts of the pairs around each occurrence: (L, a) -> (L, new), (b, R) -> (new, R)."""
+        a, b = divmod(key, _PAIR)
+        tok, span = self.tok, self.span
+        p = np.frombuffer(self.where[key], self.positions)
+        self.drop(key)
+        p = p[tok[p] == a]  # where[] keeps positions whose pair has changed since: skip those
+        q = p + span[p]
+        found = tok[q] == b
+        p, q = p[found], q[found]
+        if a == b and len(p) > 1:  # in a run of a's, merge the 1st and 2nd, the 3rd and 4th, ...
+            index = np.arange(len(p))
+            chained = np.concatenate([[False], p[1:] == q[:-1]])
+            keep = (index - np.maximum.accumulate(np.where(chained, 0, index))) % 2 == 0
+            p, q = p[keep], q[keep]
+        r = q + span[q]
+        # When occurrence i + 1 starts where occurrence i ends, the pair between them, (b, a) ->
+        # (new, new), is handled once, as the left side of occurrence i + 1.
+        follows = np.concatenate([[False], p[1:] == r[:-1], [False]])
+        lefts, left_positions, rights = [], [], []  # per slice: the neighbours of each occurrence
+        for s in range(0, len(p), _SLICE):
+            ps, qs, rs = p[s:s + _SLICE], q[s:s + _SLICE], r[s:s + _SLICE]
+            left_pos = ps - span[ps - 1]
+            left, right = tok[left_pos], tok[rs]
+            after = np.flatnonzero(follows[s:s + len(ps)])
+            left_pos[after], left[after] = p[s + after - 1], new
+            right[follows[s + 1:s + 1 + len(ps)]] = _SEP  # counted as the next one's left side
+            lefts.append(left)
+            left_positions.append(left_pos)
+            rights.append(right)
+            length = span[ps] + span[qs]
+            tok[ps], tok[qs], span[ps], span[rs - 1] = new, _DEAD, length, length
+        self.n_ids = new + 1
+        counts, where, threshold = self.counts, self.where, self.threshold
+        for side, (ids, positions) in enumerate(((np.concatenate(lefts), np.concatenate(left_positions)),
+                                                (np.concatenate(rights), p))):
+            del lefts[:], left_positions[:], rights[:]
+            ids, sums, starts, positions = _group(ids, positions, self.weight)
+            starts = [*starts.tolist(), len(positions)]
+            for i, (neighbour, count) in enumerate(zip(ids.tolist(), sums.tolist())):
+                if neighbour == _SEP:  # the start or the end of a piece
+                    continue
+                if side == 0:
+                    lost, born = (b if neighbour == new else neighbour) * _PAIR + a, neighbour * _PAIR + new
+                else:
+                    lost, born = b * _PAIR + neighbour, new * _PAIR + neighbour
+                old = counts.get(lost)
+                if old is not None:
+                    if old > count:
+                        counts[lost] = old - count
+                    else:
+                        self.drop(lost)
+                if count >= threshold:
+                    counts[born] = count
+                    where[born] = born_positions = positions[starts[i]:starts[i + 1]].tobytes()
+                    self.where_bytes += len(born_positions)
+                    heapq.heappush(self.heap, -count << _HEAP_SHIFT | born)
+
+    def prune(self, ceiling):
+        """Called when over budget. Drop the rarest tracked pairs, all those below a new threshold,
+        so that the pairs take at most half of the memory left to them, but keep those at least
+        half as frequent as the last merge (`ceiling`): they may be next. Compact the heap."""
+        keys = list(self.counts)
+        counts = np.fromiter(self.counts.values(), np.int64, len(keys))
+        sizes = np.fromiter(map(len, self.where.values()), np.int64, len(keys))
+        self.largest = int(sizes.max(initial=0)) // np.dtype(self.positions).itemsize  # merges get smaller
+        self.heap = []  # rebuilt below: one entry per pair
+        sizes += _BYTES_PER_PAIR + _BYTES_PER_HEAP_ENTRY
+        rest = self.memory() - self.where_bytes - len(keys) * _BYTES_PER_PAIR
+        if rest + sizes.sum() > self.budget and rest < self.budget:  # else pruning does not help
+            order = np.argsort(counts, kind="stable")
+            kept = np.cumsum(sizes[order][::-1])[::-1]  # kept[i]: the memory of the pairs order[i:]
+            i = int(np.searchsorted(-kept, -(self.budget - rest) // 2))  # the first i with kept[i] <= room / 2
+            threshold = min(int(counts[order[i]]) if i < len(keys) else ceiling, ceiling // 2)
+            if threshold > self.threshold:
+                for key in itertools.compress(keys, (counts < threshold).tolist()):
+                    self.drop(key)
+                self.threshold = threshold
+                if self.verbose:
+                    print(f"memory budget: tracking only the pairs seen at least {threshold} times", flush=True)
+        self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
+        heapq.heapify(self.heap)
+        self.prune_above = max(self.budget, self.memory() + self.budget // 8)  # not at every merge
+
+
+def _group(ids, positions, weight):
+    """Sort occurrences by id, stably (each id's positions stay in order). Returns the distinct
+    ids, their counts (weight(positions) summed), where each one's run starts, and the positions
+    in that order."""
+    if not len(ids):
+        return ids, np.zeros(0, np.int64), np.zeros(0, np.int64), positions
+    order = np.argsort(ids, kind="stable")  # a radix sort for 16-bit ids
+    sorted_ids = ids[order]
+    starts = np.concatenate([[0], np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1])
+    unique = sorted_ids[starts]
+    if len(ids) > 8 * len(unique):  # many occurrences per id: a count per id is cheaper
+        sums = np.bincount(ids, weight(positions), int(unique[-1]) + 1)[unique].astype(np.int64)
+        positions = positions[order]
+    else:
+        positions = positions[order]
+        sums = np.add.reduceat(weight(positions), starts)
+    return unique, sums, starts, positions
+
+
+def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
+    """Learn n_merges merges: repeatedly merge the most frequent pair (ties: the smallest
+    (left id, right id)) everywhere in the sample, as plain BPE does (_Pairs says how it stays
+    exact in bounded memory). A pair whose bytes are already a token is skipped: tiktoken maps
+    bytes -> id, so two ids may not share bytes."""
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
     merges, start = [], time.perf_counter()
+    pairs.index()
     while len(merges) < n_merges:
-        if not heap:
+        top = pairs.pop()
+        if top is None:
             raise TokenizerError(f"the training text is too small: it only allows {len(merges)} merges, "
                                  f"{n_merges} are needed; use more text or a smaller vocab_size")
-        neg, pair = heapq.heappop(heap)
-        count = pair_counts[pair]
-        if count != -neg:
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
-            continue
-        a, b = map(ord, pair)
+        key, count = top
+        a, b = divmod(key, _PAIR)
         new_bytes = vocab[a] + vocab[b]
-        if new_bytes in known:  # tiktoken maps bytes -> id, so two ids may not share bytes: skip
+        if new_bytes in known:
+            pairs.skipped.add(key)
+            pairs.drop(key)
             continue
-        new = chr(len(vocab))
         merges.append((a, b))
         vocab.append(new_bytes)
         known.add(new_bytes)
-        _apply_merge(pair, new, words, freqs, pair_counts, where, heap)
+        pairs.merge(key, len(vocab) - 1)
+        if pairs.memory() > pairs.prune_above:
+            pairs.prune(count)
         if verbose and len(merges) % 1000 == 0:
-            rate = len(merges) / (time.perf_counter() - start)
-            print(f"merge {len(merges)}/{n_merges} ({rate:.0f} merges/s) count {count}", flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"merge {len(merges)}/{n_merges} ({len(merges) / elapsed:.0f} merges/s, "
+                  f"ETA {elapsed * (n_merges / len(merges) - 1):.0f}s) count {count}, "
+                  f"memory {pairs.memory() / 2**30:.2f} GiB", flush=True)
     return merges
-
-
-def _apply_merge(pair, new, words, freqs, pair_counts, where, heap):
-    """Replace pair by token `new` in every piece that has it, updating only the pairs that touch
-    each occurrence: (L, a) -> (L, new) on the left, (b, R) -> (new, R) on the right."""
-    a, b = pair
-    born, born_where = defaultdict(int), defaultdict(list)  # pairs with `new`: none existed before
-    for i in where.pop(pair):
-        w = words[i]
-        if pair not in w:  # where[] lists are never pruned or deduplicated: skip stale entries
-            continue
-        f = freqs[i]
-        w = words[i] = w.replace(pair, new)
-        last = len(w) - 1
-        j = w.find(new)
-        while j != -1:
-            if j > 0:
-                left = w[j - 1]
-                pair_counts[(b if left == new else left) + a] -= f
-                born[left + new] += f
-                born_where[left + new].append(i)
-            if j < last and w[j + 1] != new:  # a following `new` is handled as that one's left
-                right = w[j + 1]
-                pair_counts[b + right] -= f
-                born[new + right] += f
-                born_where[new + right].append(i)
-            j = w.find(new, j + 1)
-    del pair_counts[pair]
-    pair_counts.update(born)
-    where.update(born_where)
-    for p, c in born.items():
-        heapq.heappush(heap, (-c, p))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -193,23 +530,36 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int, special_tokens=(EOT,), pattern=GPT4_SPLIT_PATTERN,
-              max_bytes=None, verbose=False) -> "Tokenizer":
+              max_bytes=None, memory_budget=DEFAULT_MEMORY_BUDGET, verbose=False) -> "Tokenizer":
         """Learn vocab_size - 256 - len(special_tokens) merges from `texts` (a str or an iterable
-        of texts, e.g. data.iter_texts(paths)); see _learn_merges for the algorithm."""
+        of texts, e.g. data.iter_texts(paths)).
+
+        memory_budget (bytes, default 2 GiB) bounds the trainer's own structures, whatever the
+        corpus size and language: reading stops when the sample read so far would need all of
+        it to train on (see _count_pieces), so texts should come in an order where any prefix
+        is a fair sample of the corpus. Training is exact on the sample read: the merges are
+        those of plain BPE on it (_learn_merges). The budget costs no exactness, only the text
+        left unread and, when the pairs outgrow it, the time to count them again (_Pairs).
+        """
         special_tokens = list(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: needs at least {256 + len(special_tokens)} "
                              f"(256 bytes + {len(special_tokens)} special tokens)")
+        if not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not {memory_budget!r}")
+        if vocab_size > _MAX_ID:
+            raise ValueError(f"vocab_size {vocab_size} is too large: at most {_MAX_ID:,}")
         if isinstance(texts, str):
             texts = [texts]
         start = time.perf_counter()
-        counts = _count_pieces(texts, pattern, special_tokens, max_bytes)
-        if not counts:
+        sample, report = _count_pieces(texts, pattern, special_tokens, max_bytes, memory_budget, verbose)
+        if not sample.pieces:
             raise ValueError("the training text is empty: pass some text (or check the input files)")
         if verbose:
-            print(f"counted {len(counts):,} distinct pieces in {time.perf_counter() - start:.1f}s", flush=True)
-        return cls(pattern, _learn_merges(counts, n_merges, verbose), special_tokens)
+            print(f"{report} ({time.perf_counter() - start:.1f}s)", flush=True)
+        pairs = _Pairs(sample, vocab_size, memory_budget, verbose)
+        return cls(pattern, _learn_merges(pairs, n_merges, verbose), special_tokens)
 
     def __reduce__(self):  # pickle the definition, not the compiled pattern and the cache
         return Tokenizer, (self.pattern, self.merges, list(self.special_tokens))
@@ -430,26 +780,39 @@ def _unpack(flat, lengths):
 
 # ----------------------------------------------------------------------------- CLI
 
+def _size(text: str) -> int:
+    """'512M', '2G', '1.5G' or a plain number of bytes -> bytes (K, M, G, T are powers of 1024)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 512M or 4G")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it as JSON.")
     p.add_argument("--input", nargs="+", required=True, help="text files, .jsonl files or folders")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     p.add_argument("--max-bytes", type=int, default=None, help="train on only the first N bytes of input")
+    p.add_argument("--memory-budget", type=_size, default=DEFAULT_MEMORY_BUDGET, metavar="SIZE",
+                   help="memory that training may use, e.g. 512M or 8G (default 2G): reading stops when "
+                        "the sample read would need all of it")
     args = p.parse_args(argv)
     from data import iter_texts  # the corpus reader (files, folders, .jsonl), streamed in pieces
     try:
         start = time.perf_counter()
-        tok = Tokenizer.train(iter_texts(args.input), args.vocab_size, max_bytes=args.max_bytes, verbose=True)
+        tok = Tokenizer.train(iter_texts(args.input), args.vocab_size, max_bytes=args.max_bytes,
+                              memory_budget=args.memory_budget, verbose=True)
         print(f"trained vocab_size {tok.vocab_size} in {time.perf_counter() - start:.1f}s")
         tok.save(args.out)
         n_bytes = n_tokens = 0
-        for text in iter_texts(args.input):
+        for text in iter_texts(args.input):  # a first look at compression: the first 16 MB at most
             n_bytes += len(text.encode("utf-8"))
             n_tokens += len(tok.encode_ordinary(text))
-            if args.max_bytes is not None and n_bytes >= args.max_bytes:
+            if n_bytes >= min(args.max_bytes or 16 << 20, 16 << 20):
                 break
-        print(f"saved {args.out}; compression on the input: {n_bytes / max(n_tokens, 1):.2f} bytes/token")
+        print(f"saved {args.out}; compression on the first {n_bytes / 1e6:.1f} MB of the input: "
+              f"{n_bytes / max(n_tokens, 1):.2f} bytes/token")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
