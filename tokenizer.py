@@ -172,14 +172,18 @@ def _dict_size(counts):
     pieces = [piece.encode("utf-8") for piece in itertools.islice(counts, 4096)]
     key_bytes = sum(map(sys.getsizeof, pieces)) / len(pieces) + 8  # ~ the str's size
     positions = sum(map(len, pieces)) + len(pieces)
-    return sys.getsizeof(counts) / len(counts) + key_bytes + 32, positions / len(pieces), _top_byte_pair(pieces) / positions
+    return sys.getsizeof(counts) / len(counts) + key_bytes + 32, positions / len(pieces), _byte_pairs(b"\xff".join(pieces)).max() / positions
 
 
-def _top_byte_pair(pieces) -> int:
-    """How often the most frequent pair of bytes occurs inside the pieces (a list of bytes)."""
-    b = np.frombuffer(b"\xff".join(pieces), np.uint8)
-    inside = (b[:-1] != _SEP) & (b[1:] != _SEP)
-    return int(np.bincount((b[:-1].astype(np.int64) << 8 | b[1:])[inside], minlength=1).max())
+def _byte_pairs(blob: bytes):
+    """How often each pair of bytes (first << 8 | second) occurs in blob, outside 0xFF."""
+    counts, b = np.zeros(1 << 16, np.int64), np.frombuffer(blob, np.uint8)
+    for lo in range(0, len(b) - 1, _BLOCK):  # a block at a time: few temporaries
+        first, second = b[lo:lo + _BLOCK], b[lo + 1:lo + _BLOCK + 1]
+        first = first[:len(second)]
+        codes = first.astype(np.uint16) << 8 | second
+        counts += np.bincount(codes[(first != _SEP) & (second != _SEP)], minlength=1 << 16)
+    return counts
 
 
 class _Sample:
@@ -205,18 +209,22 @@ class _Sample:
                 total += n
                 if 2 * total >= len(counts):
                     break
-        by_count = defaultdict(list)
+        left, by_count = Counter(), defaultdict(list)
         for piece, count in counts.items():
             if count <= limit:
-                by_count[count].append(piece.encode("utf-8"))
+                by_count[count].append(piece)
+            else:
+                left[piece] = count
+        del counts
         for count, pieces in by_count.items():
-            blob = b"\xff".join(pieces) + b"\xff"
+            # U+DCFF is byte 0xFF under surrogateescape; no piece has it (the text's UTF-8 was checked)
+            blob = "\udcff".join(pieces).encode("utf-8", "surrogateescape") + b"\xff"
             self.blobs[count].append(blob)
-            self.pieces, self.size, self.longest = self.pieces + len(pieces), self.size + len(blob), max(self.longest, max(map(len, pieces)))
-            b = np.frombuffer(blob, np.uint8)
-            inside = (b[:-1] != _SEP) & (b[1:] != _SEP)
-            self.byte_pairs += np.bincount((b[:-1].astype(np.int64) << 8 | b[1:])[inside], minlength=1 << 16)
-        return Counter() if everything else Counter({piece: count for piece, count in counts.items() if count > limit})
+            ends = np.flatnonzero(np.frombuffer(blob, np.uint8) == _SEP)
+            self.pieces, self.size = self.pieces + len(pieces), self.size + len(blob)
+            self.longest = max(self.longest, int(ends[0]), int(np.diff(ends).max(initial=1)) - 1)
+            self.byte_pairs += _byte_pairs(blob)
+        return left
 
 
 class _Pairs:
@@ -322,10 +330,17 @@ class _Pairs:
         codes, keys, totals, sizes = codes[keep], keys[keep], totals[keep], sizes[keep]
         where = [np.empty(size, self.positions) for size in sizes.tolist()]
         filled = [0] * len(where)
+        if dense:
+            group_of = np.full(n_ids * n_ids, -1, np.int64)
+            group_of[codes] = np.arange(len(codes))
         for lo in blocks:  # pass 2: the positions, into arrays of the sizes found
             code, p = pairs_in(lo)
-            group = np.minimum(np.searchsorted(codes, code), max(len(codes) - 1, 0))
-            found = codes[group] == code if len(codes) else np.zeros(len(p), bool)
+            if dense:
+                group = group_of[code]
+                found = group >= 0
+            else:
+                group = np.minimum(np.searchsorted(codes, code), max(len(codes) - 1, 0))
+                found = codes[group] == code if len(codes) else np.zeros(len(p), bool)
             group, p = group[found], p[found]
             order = np.argsort(group.astype(np.uint16) if len(codes) <= 1 << 16 else group, kind="stable")
             group, p = group[order], p[order]
