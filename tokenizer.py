@@ -112,7 +112,11 @@ def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes,
         if max_bytes is not None and n_read >= max_bytes:
             reason = f"max_bytes ({max_bytes:,})"
             break
-        n = len(text) if text.isascii() else len(text.encode("utf-8"))
+        try:
+            n = len(text) if text.isascii() else len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the training text is not valid Unicode ({e.reason} at character {e.start}); "
+                                 f"read files with errors='replace'") from None
         if max_bytes is not None and n_read + n > max_bytes:
             text = text.encode("utf-8")[:max_bytes - n_read].decode("utf-8", "ignore")
             n = max_bytes - n_read
@@ -169,10 +173,10 @@ def _dict_size(counts):
     and the share of those positions that start its most frequent byte pair."""
     if not counts:
         return 200, 20, 1 / 16
-    pieces = [piece.encode("utf-8") for piece in itertools.islice(counts, 4096)]
-    key_bytes = sum(map(sys.getsizeof, pieces)) / len(pieces) + 8  # ~ the str's size
-    positions = sum(map(len, pieces)) + len(pieces)
-    return sys.getsizeof(counts) / len(counts) + key_bytes + 32, positions / len(pieces), _byte_pairs(b"\xff".join(pieces)).max() / positions
+    keys = list(itertools.islice(counts, 4096))
+    pieces = b"\xff".join(piece.encode("utf-8") for piece in keys)
+    entry = sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32  # + the count
+    return entry, (len(pieces) + 1) / len(keys), _byte_pairs(pieces).max() / (len(pieces) + 1)
 
 
 def _byte_pairs(blob: bytes):
@@ -284,7 +288,7 @@ class _Pairs:
         Two passes over the sample, a block at a time, one for the counts and one for the
         positions; with many distinct pairs, once per part of them (by key) that fits in memory."""
         self.counts, self.where, self.heap, self.where_bytes = {}, {}, [], 0
-        dense = self.n_ids <= 1 << 10  # few ids (the start of training): a pair is a bincount slot
+        dense = self.n_ids <= 1 << 9  # few ids (the start of training): a pair is a bincount slot
         n_parts = 1
         if not dense:  # a part's distinct pairs take ~80 bytes each while counted; pairs <= positions
             live = sum(np.count_nonzero((self.tok[lo:lo + _BLOCK] | 1) != _SEP) for lo in range(0, len(self.tok), _BLOCK))
@@ -309,22 +313,22 @@ class _Pairs:
 
         if dense:
             totals, sizes = np.zeros(n_ids * n_ids, np.int64), np.zeros(n_ids * n_ids, np.int64)
-        else:
-            codes, totals, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        counted = []  # sparse: (codes, weighted counts, positions) of blocks, merged now and then
         for lo in blocks:  # pass 1: the weighted count and the number of positions of each pair
             code, p = pairs_in(lo)
             if dense:
                 totals += np.bincount(code, self.weight(p), n_ids * n_ids).astype(np.int64)
                 sizes += np.bincount(code, None, n_ids * n_ids)
-            else:
-                block_codes, inverse, block_sizes = np.unique(code, return_inverse=True, return_counts=True)
-                block_totals = np.bincount(inverse, self.weight(p), len(block_codes)).astype(np.int64)
-                codes, inverse = np.unique(np.concatenate([codes, block_codes]), return_inverse=True)
-                totals = np.bincount(inverse, np.concatenate([totals, block_totals]), len(codes)).astype(np.int64)
-                sizes = np.bincount(inverse, np.concatenate([sizes, block_sizes]), len(codes)).astype(np.int64)
+                continue
+            code, inverse, n = np.unique(code, return_inverse=True, return_counts=True)
+            counted.append((code, np.bincount(inverse, self.weight(p), len(code)).astype(np.int64), n))
+            if sum(len(c) for c, _, _ in counted[1:]) > len(counted[0][0]):
+                counted = [_merge_counts(counted)]  # the merged part at least doubles each time
         if dense:
             codes = np.flatnonzero(sizes)
             totals, sizes = totals[codes], sizes[codes]
+        else:
+            codes, totals, sizes = _merge_counts(counted) if counted else (np.zeros(0, np.int64),) * 3
         keys = codes // n_ids * _PAIR + codes % n_ids if dense else codes
         keep = (totals >= self.threshold) & ~np.isin(keys, list(self.skipped))
         codes, keys, totals, sizes = codes[keep], keys[keep], totals[keep], sizes[keep]
@@ -466,6 +470,13 @@ class _Pairs:
         self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
         heapq.heapify(self.heap)
         self.prune_above = max(self.budget, self.memory() + self.budget // 8)  # not at every merge
+
+
+def _merge_counts(counted):
+    """Add up a list of (sorted codes, counts, sizes) into one."""
+    codes, inverse = np.unique(np.concatenate([c for c, _, _ in counted]), return_inverse=True)
+    totals = np.bincount(inverse, np.concatenate([t for _, t, _ in counted]), len(codes)).astype(np.int64)
+    return codes, totals, np.bincount(inverse, np.concatenate([s for _, _, s in counted]), len(codes)).astype(np.int64)
 
 
 def _group(ids, positions, weight):

@@ -207,9 +207,12 @@ def test_training_equals_the_previous_trainer(zh):
 
 def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monkeypatch):
     """A budget just above what the sample itself takes: the pairs outgrow it, the rarest are
-    dropped, and all pairs are counted again (in parts, and past 1024 ids without the dense
-    table) when the merges come down to their counts. The merges stay the same."""
+    dropped, and all pairs are counted again (in parts, and past 512 ids without the dense
+    table) when the merges come down to their counts. Small blocks and slices, so that every
+    path runs on a small text. The merges stay the same."""
     texts = [CORPUS[:60_000], zh[:30_000]]
+    monkeypatch.setattr(tokenizer, "_BLOCK", 1 << 12)
+    monkeypatch.setattr(tokenizer, "_SLICE", 1 << 10)
     sample, _ = tokenizer._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer.DEFAULT_MEMORY_BUDGET)
     monkeypatch.setattr(tokenizer, "_BYTES_PER_OCCURRENCE", 0)  # so that only the pairs' memory varies
     pairs = tokenizer._Pairs(sample, 2000, memory_budget=1)
