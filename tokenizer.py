@@ -11,7 +11,6 @@ and `encode` gives the same ids as tiktoken.
 import argparse
 import hashlib
 import heapq
-import itertools
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import time
 from array import array
 from collections import Counter, defaultdict, deque
 from functools import partial
-from itertools import chain, groupby
+from itertools import chain, compress, groupby, islice
 from pathlib import Path
 from typing import Iterable
 
@@ -173,7 +172,7 @@ def _dict_size(counts):
     and the share of those positions that start its most frequent byte pair."""
     if not counts:
         return 200, 20, 1 / 16
-    keys = list(itertools.islice(counts, 4096))
+    keys = list(islice(counts, 4096))
     pieces = b"\xff".join(piece.encode("utf-8") for piece in keys)
     entry = sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32  # + the count
     return entry, (len(pieces) + 1) / len(keys), _byte_pairs(pieces).max() / (len(pieces) + 1)
@@ -406,14 +405,16 @@ class _Pairs:
         # When occurrence i + 1 starts where occurrence i ends, the pair between them, (b, a) ->
         # (new, new), is handled once, as the left side of occurrence i + 1.
         follows = np.concatenate([[False], p[1:] == r[:-1], [False]])
+        adjacent, weight = follows.any(), self.weight(p)
         lefts, left_positions, rights = [], [], []  # per slice: the neighbours of each occurrence
         for s in range(0, len(p), _SLICE):
             ps, qs, rs = p[s:s + _SLICE], q[s:s + _SLICE], r[s:s + _SLICE]
             left_pos = ps - span[ps - 1]
             left, right = tok[left_pos], tok[rs]
-            after = np.flatnonzero(follows[s:s + len(ps)])
-            left_pos[after], left[after] = p[s + after - 1], new
-            right[follows[s + 1:s + 1 + len(ps)]] = _SEP  # counted as the next one's left side
+            if adjacent:
+                after = np.flatnonzero(follows[s:s + len(ps)])
+                left_pos[after], left[after] = p[s + after - 1], new
+                right[follows[s + 1:s + 1 + len(ps)]] = _SEP  # counted as the next one's left side
             lefts.append(left)
             left_positions.append(left_pos)
             rights.append(right)
@@ -421,10 +422,10 @@ class _Pairs:
             tok[ps], tok[qs], span[ps], span[rs - 1] = new, _DEAD, length, length
         self.n_ids = new + 1
         counts, where, threshold = self.counts, self.where, self.threshold
-        for side, (ids, positions) in enumerate(((np.concatenate(lefts), np.concatenate(left_positions)),
-                                                (np.concatenate(rights), p))):
-            del lefts[:], left_positions[:], rights[:]
-            ids, sums, starts, positions = _group(ids, positions, self.weight)
+        for side, (id_slices, position_slices) in enumerate(((lefts, left_positions), (rights, [p]))):
+            ids, sums, starts, positions = _group(_joined(id_slices), _joined(position_slices), weight)
+            id_slices.clear()  # free them before the other side's temporaries
+            position_slices.clear()
             starts = [*starts.tolist(), len(positions)]
             for i, (neighbour, count) in enumerate(zip(ids.tolist(), sums.tolist())):
                 if neighbour == _SEP:  # the start or the end of a piece
@@ -462,7 +463,7 @@ class _Pairs:
             i = int(np.searchsorted(-kept, -(self.budget - rest) // 2))  # the first i with kept[i] <= room / 2
             threshold = min(int(counts[order[i]]) if i < len(keys) else ceiling, ceiling // 2)
             if threshold > self.threshold:
-                for key in itertools.compress(keys, (counts < threshold).tolist()):
+                for key in compress(keys, (counts < threshold).tolist()):
                     self.drop(key)
                 self.threshold = threshold
                 if self.verbose:
@@ -479,23 +480,19 @@ def _merge_counts(counted):
     return codes, totals, np.bincount(inverse, np.concatenate([s for _, _, s in counted]), len(codes)).astype(np.int64)
 
 
-def _group(ids, positions, weight):
+def _group(ids, positions, weights):
     """Sort occurrences by id, stably (each id's positions stay in order). Returns the distinct
-    ids, their counts (weight(positions) summed), where each one's run starts, and the positions
-    in that order."""
+    ids, their summed weights, where each one's run starts, and the positions in that order."""
     if not len(ids):
-        return ids, np.zeros(0, np.int64), np.zeros(0, np.int64), positions
+        return ids, weights, np.zeros(0, np.int64), positions
     order = np.argsort(ids, kind="stable")  # a radix sort for 16-bit ids
-    sorted_ids = ids[order]
-    starts = np.concatenate([[0], np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1])
-    unique = sorted_ids[starts]
-    if len(ids) > 8 * len(unique):  # many occurrences per id: a count per id is cheaper
-        sums = np.bincount(ids, weight(positions), int(unique[-1]) + 1)[unique].astype(np.int64)
-        positions = positions[order]
-    else:
-        positions = positions[order]
-        sums = np.add.reduceat(weight(positions), starts)
-    return unique, sums, starts, positions
+    ids = ids[order]
+    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+    return ids[starts], np.add.reduceat(weights[order], starts), starts, positions[order]
+
+
+def _joined(arrays):
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
@@ -560,12 +557,14 @@ class Tokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges from `texts` (a str or an iterable
         of texts, e.g. data.iter_texts(paths)).
 
-        memory_budget (bytes, default 2 GiB) bounds the trainer's own structures, whatever the
-        corpus size and language: reading stops when the sample read so far would need all of
-        it to train on (see _count_pieces), so texts should come in an order where any prefix
-        is a fair sample of the corpus. Training is exact on the sample read: the merges are
-        those of plain BPE on it (_learn_merges). The budget costs no exactness, only the text
-        left unread and, when the pairs outgrow it, the time to count them again (_Pairs).
+        memory_budget (bytes, default 2 GiB) bounds the trainer's own structures whatever the
+        corpus size and language: reading stops as soon as the sample read would need the whole
+        budget to train on (_training_memory: about 12 bytes per byte of distinct text kept),
+        so texts should come in an order where any prefix is a fair sample of the corpus; so
+        does max_bytes. With verbose, a line says what was read and why reading stopped.
+        Training is exact on the sample: the merges are those of plain BPE on it. The budget
+        gives up no exactness, only the text left unread and, if the pairs outgrow it, time
+        to count them again (_Pairs). The process adds the interpreter (~100 MB) to it.
         """
         special_tokens = list(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import regex
 
-from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer
+from tokenizer import DEFAULT_MEMORY_BUDGET, EOT, GPT4_SPLIT_PATTERN, Tokenizer
 
 # The generated corpora: (source files, Markov chain order, mean copied run in characters) per
 # language. The chains learn from the first 90% of each file; the last 10% is the held-out text.
@@ -45,7 +45,8 @@ def train_child(job):
     else:
         texts = pieces(path, job["max_bytes"])
     if job["trainer"] == "new":
-        tok = Tokenizer.train(texts, job["vocab"], max_bytes=job["max_bytes"], verbose=job["spread"])
+        tok = Tokenizer.train(texts, job["vocab"], max_bytes=job["max_bytes"], memory_budget=job["budget"],
+                              verbose=job["spread"])
     else:
         from tests.reference_bpe import train_merges
         tok = Tokenizer(GPT4_SPLIT_PATTERN, train_merges(texts, job["vocab"] - 257, GPT4_SPLIT_PATTERN), [EOT])
@@ -75,11 +76,11 @@ def pieces(path, max_bytes, piece=1 << 20):
             yield decoder.decode(f.read(min(piece, (max_bytes or 1 << 62) - start)))
 
 
-def train(trainer, path, vocab, out, runs=1, max_bytes=None, spread=False):
+def train(trainer, path, vocab, out, runs=1, max_bytes=None, spread=False, budget=DEFAULT_MEMORY_BUDGET):
     """Median seconds and CPU seconds, the largest peak RSS (MB) over `runs` fresh processes, and
     the output's "tokenizer sample:" line."""
     job = json.dumps({"trainer": trainer, "path": str(path), "vocab": vocab, "out": str(out),
-                      "max_bytes": max_bytes, "spread": spread})
+                      "max_bytes": max_bytes, "spread": spread, "budget": budget})
     results, report = [], ""
     for _ in range(runs):
         lines = subprocess.run([sys.executable, __file__, "--train", job], cwd=ROOT, check=True,
@@ -156,34 +157,43 @@ def held_out_compression(tok, text):
 
 
 def big(data, work, tmp):
-    """Training from the generated corpora: ours under the default budget, reading a spread sample;
-    the previous trainer on the largest prefix that fits in the same peak RSS."""
+    """Training from the generated corpora: ours reading a spread sample, under the default
+    budget and under a small one; the previous trainer on the largest prefix of the 1 GB corpus
+    that fits in the same peak RSS as ours."""
     print("\n## training on generated corpora (one run each; peak RSS of the training process)")
-    print(f"{'corpus':<14}{'trainer':<22}{'read MB':>9}{'seconds':>9}{'CPU s':>8}{'peak RSS MB':>13}{'held-out bytes/token':>22}")
+    print(f"{'corpus':<14}{'budget':>8}  {'trainer':<10}{'read MB':>9}{'seconds':>9}{'CPU s':>8}{'peak RSS MB':>13}"
+          f"{'held-out bytes/token':>22}")
     for lang in LANGUAGES:
         held_out = sources(data, lang)[1]
-        for mb in (100, 1000):
-            path, out = corpus(data, work, lang, mb), tmp / f"{lang}-{mb}.json"
-            seconds, cpu, rss, report = train("new", path, 32000, out, spread=True)
+        for mb, budget in ((100, DEFAULT_MEMORY_BUDGET), (1000, DEFAULT_MEMORY_BUDGET), (1000, 256 << 20)):
+            path, out = corpus(data, work, lang, mb), tmp / f"{lang}-{mb}-{budget}.json"
+            seconds, cpu, rss, report = train("new", path, 32000, out, spread=True, budget=budget)
             read = float(report.split(" MB of text read")[0].split()[-1].replace(",", ""))
-            print(f"{path.name:<14}{'bounded (2 GiB budget)':<22}{read:>9,.0f}{seconds:>9.0f}{cpu:>8.0f}{rss:>13,.0f}"
+            print(f"{path.name:<14}{budget >> 20:>6}M  {'ours':<10}{read:>9,.0f}{seconds:>9.0f}{cpu:>8.0f}{rss:>13,.0f}"
                   f"{held_out_compression(Tokenizer.load(out), held_out):>22.3f}")
             print(f"    {report}")
-        # The previous trainer on the largest prefix of the 1 GB corpus that stays within our peak
-        # RSS: its peak RSS grows about in proportion to the prefix (above ~80 MB of interpreter).
-        prefix, best = 8 << 20, None
-        for _ in range(6):
-            out = tmp / f"old-{lang}-{prefix}.json"
-            seconds, cpu, old_rss, _ = train("old", path, 32000, out, max_bytes=prefix)
-            if old_rss <= rss and (best is None or prefix > best[0]):
-                best = (prefix, seconds, cpu, old_rss, out)
-            if old_rss <= rss and (old_rss > 0.9 * rss or prefix >= path.stat().st_size):
-                break
-            prefix = min(int(prefix * (rss - 80) / (old_rss - 80) * 0.97), path.stat().st_size)
-        prefix, seconds, cpu, old_rss, out = best
-        print(f"{path.name:<14}{'previous, same memory':<22}{prefix / 1e6:>9,.0f}{seconds:>9.0f}{cpu:>8.0f}{old_rss:>13,.0f}"
-              f"{held_out_compression(Tokenizer.load(out), held_out):>22.3f}")
-    print(f"held out: the last 10% of each source file; corpora in {work}")
+            if mb == 1000:
+                prefix, seconds, cpu, old_rss, out = previous_at_equal_memory(path, rss, tmp)
+                print(f"{path.name:<14}{'':>8}  {'previous':<10}{prefix / 1e6:>9,.0f}{seconds:>9.0f}{cpu:>8.0f}"
+                      f"{old_rss:>13,.0f}{held_out_compression(Tokenizer.load(out), held_out):>22.3f}")
+    print("held out: the last 10% of each source file; previous: tests/reference_bpe.py on the largest "
+          f"prefix that fits in the peak RSS of ours; corpora in {work}")
+
+
+def previous_at_equal_memory(path, rss, tmp):
+    """The previous trainer on the largest prefix of path whose peak RSS stays within rss (MB),
+    found from its peak RSS growing about in proportion to the prefix (above ~80 MB of
+    interpreter): (prefix, seconds, CPU seconds, peak RSS, tokenizer file)."""
+    prefix, best = 4 << 20, None
+    for _ in range(6):
+        out = tmp / f"old-{path.stem}-{prefix}.json"
+        seconds, cpu, old_rss, _ = train("old", path, 32000, out, max_bytes=prefix)
+        if old_rss <= rss and (best is None or prefix > best[0]):
+            best = (prefix, seconds, cpu, old_rss, out)
+        if old_rss <= rss and (old_rss > 0.9 * rss or prefix >= path.stat().st_size):
+            break
+        prefix = min(int(prefix * (rss - 80) / (old_rss - 80) * 0.97), path.stat().st_size)
+    return best
 
 
 def mb_per_s(fn, arg, n_bytes, runs):
