@@ -227,6 +227,15 @@ def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monke
     assert merges == train_merges(texts, 1700, GPT4_SPLIT_PATTERN)
 
 
+def test_training_with_ids_past_16_bits_and_pieces_past_64_kb(zh):
+    """Vocabularies over 65,536 ids and pieces over 65,535 bytes take wider arrays."""
+    texts = [CORPUS[:30_000], zh[:10_000], "a" * 70_000]
+    sample, _ = tokenizer._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer.DEFAULT_MEMORY_BUDGET)
+    pairs = tokenizer._Pairs(sample, 1 << 17, tokenizer.DEFAULT_MEMORY_BUDGET)
+    assert pairs.tok.dtype == pairs.span.dtype == "int32"
+    assert tokenizer._learn_merges(pairs, 300, False) == train_merges(texts, 300, GPT4_SPLIT_PATTERN)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
 def test_any_budget_gives_the_same_merges(text, n_merges):
