@@ -46,8 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus import (DataError, Progress, iter_texts, list_sources, read_documents, sample_texts,  # noqa: F401
-                    val_share)
+from corpus import DataError, Progress, list_sources, read_documents, sample_texts, val_share
 from tokenizer import Tokenizer
 
 META_FORMAT = "llm-tokens"
@@ -354,10 +353,10 @@ def _tokenizer(folder, manifest, given, sources, share, settings, memory_budget,
         vocab_size, max_bytes = settings["vocab_size"], settings["tokenizer_max_bytes"]
         if verbose:
             print(f"training a {vocab_size}-token tokenizer on a sample of the train split", file=sys.stderr)
-        budget = {"memory_budget": memory_budget} if memory_budget else {}
         with contextlib.closing(sample_texts(sources, share, settings["text_field"], max_bytes, verbose)) as texts:
             try:
-                tokenizer = Tokenizer.train(texts, vocab_size, max_bytes=max_bytes, verbose=verbose, **budget)
+                tokenizer = Tokenizer.train(texts, vocab_size, max_bytes=max_bytes, memory_budget=memory_budget,
+                                            verbose=verbose)
             except ValueError as error:
                 raise DataError(str(error)) from None
     tokenizer.save(path)

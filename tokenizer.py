@@ -11,6 +11,7 @@ and `encode` gives the same ids as tiktoken. The Tokenizer class also holds Hugg
     python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import heapq
@@ -20,11 +21,10 @@ import re
 import sys
 import time
 from array import array
-from collections import Counter, defaultdict, deque
+from collections import deque
 from functools import partial
 from itertools import chain, groupby
 from pathlib import Path
-from typing import Iterable
 
 import regex
 
@@ -98,108 +98,6 @@ def _split_keeping_gaps(compiled, text: str) -> list:
         pieces += [text[end:start]] * (start > end) + [text[start:stop]] * (stop > start)
         end = stop
     return pieces + [text[end:]] * (end < len(text))
-
-
-def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes) -> Counter:
-    """Count each distinct piece once over the whole stream (the only pass over the corpus).
-    Special tokens are cut out first so that no piece straddles one. With max_bytes, reading
-    stops after that many UTF-8 bytes, i.e. training uses a prefix sample."""
-    split = _splitter(pattern)
-    cut = re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True)))).split if special_tokens else None
-    counts, seen = Counter(), 0
-    for text in texts:
-        if max_bytes is not None:
-            if seen >= max_bytes:
-                break
-            raw = text.encode("utf-8")
-            seen += len(raw)
-            if seen > max_bytes:
-                text = raw[:len(raw) - (seen - max_bytes)].decode("utf-8", "ignore")
-        for part in cut(text) if cut else (text,):
-            counts.update(split(part))
-    return counts
-
-
-def _learn_merges(counts: dict, n_merges: int, verbose: bool) -> list:
-    """Learn n_merges merges by incremental BPE.
-
-    Each distinct piece is a str whose characters are token ids (chr(id)), so a merge is one
-    C-speed str.replace. pair_counts holds the frequency-weighted count of every adjacent pair
-    and where[pair] the pieces that may contain it (a list,
-    smaller than a set); a merge only visits those pieces and only
-    adjusts the pairs next to each merged occurrence. A max-heap gives the next pair, with lazy
-    invalidation: counts of existing pairs only ever fall, so a popped entry whose count is stale
-    is pushed back with its current count; pairs born in a merge are pushed after it.
-    Tie-break (deterministic): highest count, then the smallest (left id, right id).
-    """
-    words = [w.encode("utf-8").decode("latin-1") for w in counts]  # char i == byte i
-    freqs = list(counts.values())
-    pair_counts, where = defaultdict(int), defaultdict(list)
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for k in range(len(w) - 1):
-            pair = w[k:k + 2]
-            pair_counts[pair] += f
-            where[pair].append(i)
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
-    vocab = [bytes([i]) for i in range(256)]
-    known = set(vocab)
-    merges, start = [], time.perf_counter()
-    while len(merges) < n_merges:
-        if not heap:
-            raise TokenizerError(f"the training text is too small: it only allows {len(merges)} merges, "
-                                 f"{n_merges} are needed; use more text or a smaller vocab_size")
-        neg, pair = heapq.heappop(heap)
-        count = pair_counts[pair]
-        if count != -neg:
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
-            continue
-        a, b = map(ord, pair)
-        new_bytes = vocab[a] + vocab[b]
-        if new_bytes in known:  # tiktoken maps bytes -> id, so two ids may not share bytes: skip
-            continue
-        new = chr(len(vocab))
-        merges.append((a, b))
-        vocab.append(new_bytes)
-        known.add(new_bytes)
-        _apply_merge(pair, new, words, freqs, pair_counts, where, heap)
-        if verbose and len(merges) % 1000 == 0:
-            rate = len(merges) / (time.perf_counter() - start)
-            print(f"merge {len(merges)}/{n_merges} ({rate:.0f} merges/s) count {count}", flush=True)
-    return merges
-
-
-def _apply_merge(pair, new, words, freqs, pair_counts, where, heap):
-    """Replace pair by token `new` in every piece that has it, updating only the pairs that touch
-    each occurrence: (L, a) -> (L, new) on the left, (b, R) -> (new, R) on the right."""
-    a, b = pair
-    born, born_where = defaultdict(int), defaultdict(list)  # pairs with `new`: none existed before
-    for i in where.pop(pair):
-        w = words[i]
-        if pair not in w:  # where[] lists are never pruned or deduplicated: skip stale entries
-            continue
-        f = freqs[i]
-        w = words[i] = w.replace(pair, new)
-        last = len(w) - 1
-        j = w.find(new)
-        while j != -1:
-            if j > 0:
-                left = w[j - 1]
-                pair_counts[(b if left == new else left) + a] -= f
-                born[left + new] += f
-                born_where[left + new].append(i)
-            if j < last and w[j + 1] != new:  # a following `new` is handled as that one's left
-                right = w[j + 1]
-                pair_counts[b + right] -= f
-                born[new + right] += f
-                born_where[new + right].append(i)
-            j = w.find(new, j + 1)
-    del pair_counts[pair]
-    pair_counts.update(born)
-    where.update(born_where)
-    for p, c in born.items():
-        heapq.heappush(heap, (-c, p))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -318,23 +216,19 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int, special_tokens=(EOT,), pattern=GPT4_SPLIT_PATTERN,
-              max_bytes=None, verbose=False) -> "Tokenizer":
-        """Learn vocab_size - 256 - len(special_tokens) merges from `texts` (a str or an iterable
-        of texts, e.g. data.iter_texts(paths)); see _learn_merges for the algorithm."""
+              max_bytes=None, memory_budget=None, verbose=False) -> "Tokenizer":
+        """Learn vocab_size - 256 - len(special_tokens) merges from `texts` (a str or an iterable of
+        texts, e.g. corpus.sample_texts(...)) by plain BPE, reading at most max_bytes of them, in at
+        most memory_budget bytes (default 2 GiB): tokenizer_train.py says how."""
+        from tokenizer_train import DEFAULT_MEMORY_BUDGET, train_merges
         special_tokens = list(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: needs at least {256 + len(special_tokens)} "
                              f"(256 bytes + {len(special_tokens)} special tokens)")
-        if isinstance(texts, str):
-            texts = [texts]
-        start = time.perf_counter()
-        counts = _count_pieces(texts, pattern, special_tokens, max_bytes)
-        if not counts:
-            raise ValueError("the training text is empty: pass some text (or check the input files)")
-        if verbose:
-            print(f"counted {len(counts):,} distinct pieces in {time.perf_counter() - start:.1f}s", flush=True)
-        return cls(pattern, _learn_merges(counts, n_merges, verbose), special_tokens)
+        merges = train_merges([texts] if isinstance(texts, str) else texts, n_merges, pattern, special_tokens,
+                              max_bytes, DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget, verbose)
+        return cls(pattern, merges, special_tokens)
 
     def __reduce__(self):  # pickle the definition, not the compiled patterns, tables and cache
         return partial(Tokenizer, **self._args), ()
@@ -804,26 +698,43 @@ def _unpack(flat, lengths):
 
 # ----------------------------------------------------------------------------- CLI
 
+def _size(text: str) -> int:
+    """'512M', '2G', '1.5G' or a plain number of bytes -> bytes (K, M, G, T are powers of 1024)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 512M or 4G")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it as JSON.")
-    p.add_argument("--input", nargs="+", required=True, help="text files, .jsonl files or folders")
+    p.add_argument("--input", nargs="+", required=True, help="text, .jsonl, .parquet (.gz, .zst) files or folders")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
-    p.add_argument("--max-bytes", type=int, default=None, help="train on only the first N bytes of input")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="train on a sample of at most N bytes, spread over all the input files")
+    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="memory that training may use, e.g. 512M or 8G (default 2G): reading stops when "
+                        "the sample read would need all of it")
+    p.add_argument("--text-field", default="text", help="the field of .jsonl records / column of .parquet files")
     args = p.parse_args(argv)
-    from data import iter_texts  # the corpus reader (files, folders, .jsonl), streamed in pieces
+    from corpus import list_sources, sample_texts  # the corpus reader: files, folders and formats
     try:
         start = time.perf_counter()
-        tok = Tokenizer.train(iter_texts(args.input), args.vocab_size, max_bytes=args.max_bytes, verbose=True)
+        sources = list_sources(args.input)
+        with contextlib.closing(sample_texts(sources, 0.0, args.text_field, args.max_bytes, verbose=True)) as texts:
+            tok = Tokenizer.train(texts, args.vocab_size, max_bytes=args.max_bytes,
+                                  memory_budget=args.memory_budget, verbose=True)
         print(f"trained vocab_size {tok.vocab_size} in {time.perf_counter() - start:.1f}s")
         tok.save(args.out)
         n_bytes = n_tokens = 0
-        for text in iter_texts(args.input):
+        for text in sample_texts(sources, 0.0, args.text_field, 16 << 20):  # a first look at compression
             n_bytes += len(text.encode("utf-8"))
             n_tokens += len(tok.encode_ordinary(text))
-            if args.max_bytes is not None and n_bytes >= args.max_bytes:
+            if n_bytes >= 16 << 20:
                 break
-        print(f"saved {args.out}; compression on the input: {n_bytes / max(n_tokens, 1):.2f} bytes/token")
+        print(f"saved {args.out}; compression on {n_bytes / 1e6:.1f} MB of the input: "
+              f"{n_bytes / max(n_tokens, 1):.2f} bytes/token")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 

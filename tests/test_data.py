@@ -15,7 +15,8 @@ import torch
 
 import corpus
 import data
-from data import (DataError, TokenData, bits_per_byte, check_prepared, iter_texts, merge_parts, prepare, read_meta,
+from corpus import iter_texts
+from data import (DataError, TokenData, bits_per_byte, check_prepared, merge_parts, prepare, read_meta,
                   token_byte_lengths)
 from tokenizer import EOT, Tokenizer
 

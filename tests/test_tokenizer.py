@@ -1,5 +1,8 @@
+import itertools
 import json
 import pickle
+import random
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -8,6 +11,8 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tokenizer_train
+from tests.reference_bpe import train_merges
 from tokenizer import (EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +175,114 @@ def test_training_errors():
         Tokenizer.train("", 300)
     with pytest.raises(ValueError, match="training text is empty"):
         Tokenizer.train([], 300)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        Tokenizer.train(CORPUS[:1000], 300, memory_budget=0)
+
+
+def chinese_like(n_chars, seed):
+    """Text shaped like Chinese for the GPT-4 pattern: clauses of 2-16 characters drawn from 3000
+    CJK characters with Zipf frequencies, each clause a distinct piece, as in real Chinese."""
+    rng = random.Random(seed)
+    chars = [chr(0x4E00 + i) for i in range(3000)]
+    drawn = iter(rng.choices(chars, [1 / (i + 1) for i in range(3000)], k=n_chars))
+    clauses, total = [], 0
+    while total < n_chars:
+        length = rng.randint(2, 16)
+        clauses.append("".join(itertools.islice(drawn, length)) + rng.choice("，，，。。、；！\n"))
+        total += length
+    return "".join(clauses)
+
+
+@pytest.fixture(scope="module")
+def zh():
+    return SHARED_ZH.read_text(encoding="utf-8")[:120_000] if SHARED_ZH.exists() else chinese_like(120_000, 0)
+
+
+def test_training_equals_the_previous_trainer(zh):
+    """Same merges as the trainer this one replaced (tests/reference_bpe.py) on the same text."""
+    texts = [CORPUS[:200_000], zh, MIXED]
+    assert Tokenizer.train(texts, 256 + 1500, special_tokens=()).merges == train_merges(texts, 1500, GPT4_SPLIT_PATTERN)
+
+
+def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monkeypatch):
+    """A budget just above what the sample itself takes: the pairs outgrow it, the rarest are
+    dropped, and all pairs are counted again (in parts, and past 512 ids without the dense
+    table) when the merges come down to their counts. Small blocks and slices, so that every
+    path runs on a small text. The merges stay the same."""
+    texts = [CORPUS[:60_000], zh[:30_000]]
+    monkeypatch.setattr(tokenizer_train, "_BLOCK", 1 << 12)
+    monkeypatch.setattr(tokenizer_train, "_SLICE", 1 << 10)
+    sample, _ = tokenizer_train._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer_train.DEFAULT_MEMORY_BUDGET)
+    monkeypatch.setattr(tokenizer_train, "_BYTES_PER_OCCURRENCE", 0)  # so that only the pairs' memory varies
+    pairs = tokenizer_train._Pairs(sample, 2000, memory_budget=1)
+    pairs.index()
+    pairs.budget = pairs.memory() - pairs.where_bytes + (1 << 16)  # 64 KB for the positions of pairs
+    indexed = []
+    index_part = tokenizer_train._Pairs._index_part
+    monkeypatch.setattr(tokenizer_train._Pairs, "_index_part",
+                        lambda self, part, n_parts, dense: indexed.append((n_parts, dense)) or index_part(self, part, n_parts, dense))
+    merges = tokenizer_train._learn_merges(pairs, 1700, False)
+    assert {dense for _, dense in indexed} == {True, False} and max(n for n, _ in indexed) > 1
+    assert merges == train_merges(texts, 1700, GPT4_SPLIT_PATTERN)
+
+
+def test_training_with_ids_past_16_bits_and_pieces_past_64_kb(zh):
+    """Vocabularies over 65,536 ids and pieces over 65,535 bytes take wider arrays."""
+    texts = [CORPUS[:30_000], zh[:10_000], "a" * 70_000]
+    sample, _ = tokenizer_train._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer_train.DEFAULT_MEMORY_BUDGET)
+    pairs = tokenizer_train._Pairs(sample, 1 << 17, tokenizer_train.DEFAULT_MEMORY_BUDGET)
+    assert pairs.tok.dtype == pairs.span.dtype == "int32"
+    assert tokenizer_train._learn_merges(pairs, 300, False) == train_merges(texts, 300, GPT4_SPLIT_PATTERN)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
+def test_any_budget_gives_the_same_merges(text, n_merges):
+    """memory_budget=1: the sample is the first text, and the tracked pairs are always over budget."""
+    try:
+        expected = naive_merges(text, n_merges)
+    except ValueError:  # min() of no pairs: the text allows fewer merges
+        return
+    assert Tokenizer.train([text, "never read"], 256 + n_merges, special_tokens=(), memory_budget=1).merges == expected
+
+
+def test_memory_budget_bounds_training_on_an_endless_corpus(monkeypatch, capsys):
+    """Reading stops when the sample would need the budget; the trainer's own accounting
+    (memory()) bounds what tracemalloc sees after every merge, and the peak stays in budget."""
+    budget, read, accounted = 48 << 20, [], []
+
+    def endless():
+        for seed in itertools.count():
+            read.append(chinese_like(20_000, seed))
+            yield read[-1]
+
+    merge = tokenizer_train._Pairs.merge
+
+    def traced_merge(self, key, new):
+        merge(self, key, new)
+        accounted.append((tracemalloc.get_traced_memory()[0] - baseline, self.memory()))
+
+    monkeypatch.setattr(tokenizer_train._Pairs, "merge", traced_merge)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        Tokenizer.train(endless(), 256 + 600, memory_budget=budget, verbose=True)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert "stopped at the memory budget (48 MiB)" in capsys.readouterr().out
+    kept = sum(len(text.encode()) for text in read)
+    assert budget / 2 < tokenizer_train._training_memory(kept, kept / 20) < 1.2 * budget
+    assert all(traced <= estimate for traced, estimate in accounted)
+    assert peak <= budget
+
+
+def test_huge_texts_are_read_in_parts():
+    text = (CORPUS[:50_000] + ZH + "   \n\n  x") * 8
+    parts = list(tokenizer_train._parts([text, "b"], GPT4_SPLIT_PATTERN, size=10_000))
+    assert "".join(parts) == text + "b" and 30 < len(parts) < 60
+    split = _splitter(GPT4_SPLIT_PATTERN)
+    assert [piece for part in parts[:-1] for piece in split(part)] == split(text)
 
 
 # ----------------------------------------------------------------------------- special tokens
@@ -279,5 +392,12 @@ def test_cli(tmp_path, capsys):
     main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "400", "--out", str(tmp_path / "t.json")])
     assert "bytes/token" in capsys.readouterr().out
     assert Tokenizer.load(tmp_path / "t.json").vocab_size == 400
+    (tmp_path / "zh.txt").write_text(chinese_like(150_000, 1))
+    main(["--input", str(tmp_path / "zh.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json"),
+          "--memory-budget", "24M"])
+    assert "stopped at the memory budget (24 MiB)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json"),
+              "--memory-budget", "lots"])
     with pytest.raises(SystemExit, match="error: vocab_size 10 is too small"):
         main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "10", "--out", str(tmp_path / "u.json")])
