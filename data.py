@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from corpus import DataError, Progress, list_sources, read_documents, sample_texts, val_share
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, parse_size
 
 META_FORMAT = "llm-tokens"
 META_VERSION = 2
@@ -691,7 +691,8 @@ def main(argv=None):
     parser.add_argument("--val-max-bytes", type=int, default=VAL_MAX_BYTES, help="at most this much input held out")
     parser.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet) with the text")
     parser.add_argument("--tokenizer-max-bytes", type=int, default=200_000_000, help="tokenizer sample size")
-    parser.add_argument("--tokenizer-memory", type=int, help="memory budget of tokenizer training, in bytes")
+    parser.add_argument("--tokenizer-memory-budget", type=parse_size, metavar="SIZE",
+                        help="memory that tokenizer training may use, e.g. 512M or 8G (default 2G)")
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU)")
     parser.add_argument("--part", type=_part, help="prepare only slice I of N of the files (I in 0..N-1), "
                                                    "into OUT/part-0000I; needs --tokenizer")
@@ -711,7 +712,7 @@ def main(argv=None):
             start = time.time()
             meta = prepare(args.input, args.out, args.vocab_size, args.tokenizer, args.val_fraction,
                            args.tokenizer_max_bytes, args.workers, val_max_bytes=args.val_max_bytes,
-                           text_field=args.text_field, tokenizer_memory_budget=args.tokenizer_memory, part=args.part)
+                           text_field=args.text_field, tokenizer_memory_budget=args.tokenizer_memory_budget, part=args.part)
             seconds = time.time() - start
     except ValueError as error:  # DataError, and a tokenizer file that cannot be used
         Progress.end_line()

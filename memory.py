@@ -25,6 +25,7 @@ import torch
 
 from config import ConfigError, TrainConfig, from_dict, plan_batch
 from model import LOSS_CHUNK_ELEMENTS, Transformer
+from runtime import Runtime, compute_dtype
 
 GiB = 2**30
 CUDA_RESERVE = 2 * GiB  # the CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced
@@ -177,7 +178,7 @@ def traced_steps(cfg: TrainConfig, rt, micro_steps: int = 2) -> dict:
     trainer = train.Trainer.__new__(train.Trainer)  # the step's state, without the run's files and data
     trainer.cfg, trainer.rt, trainer.step, trainer.stop_signal = cfg, rt, 0, None
     trainer.sharded = cfg.parallel == "fsdp" and rt.distributed
-    trainer.dtype = train.compute_dtype(cfg, torch.device("cuda"))  # the GPU run's, on any machine
+    trainer.dtype, _ = compute_dtype(cfg, torch.device("cuda"))  # the GPU run's, on any machine
     with _peak_tracker(MemTracker)() as init_tracker:
         trainer.model = train.build_model(cfg, rt, trainer.dtype, trainer.sharded)
     init_peak = init_tracker.get_tracker_snapshot("peak")[rt.device]["Total"]
@@ -253,13 +254,12 @@ def trace_memory(cfg: TrainConfig, world_size: int, micro_steps: int = 2) -> dic
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import train
     if dist.is_initialized():
         raise RuntimeError("the memory trace sets up a fake process group: run it in a process without one")
     start = time.time()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        rt = train.Runtime(0, 0, world_size, torch.device("cpu"))
+        rt = Runtime(0, 0, world_size, torch.device("cpu"))
         if cfg.parallel == "fsdp":
             rt.mesh  # noqa: B018 -- the mesh reads the rank layout, so it is built before the fake tensors
         with _fake_tensors():

@@ -698,7 +698,7 @@ def _unpack(flat, lengths):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     """'512M', '2G', '1.5G' or a plain number of bytes -> bytes (K, M, G, T are powers of 1024)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if not match:
@@ -713,7 +713,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="train on a sample of at most N bytes, spread over all the input files")
-    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="memory that training may use, e.g. 512M or 8G (default 2G): reading stops when "
                         "the sample read would need all of it")
     p.add_argument("--text-field", default="text", help="the field of .jsonl records / column of .parquet files")

@@ -14,17 +14,13 @@ torchrun; evaluation in nats per token and bits per byte; a log line and a JSONL
 """
 import argparse
 import dataclasses
-import datetime
 import fcntl
-import functools
 import gc
 import json
 import math
 import os
-import re
 import signal
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -40,117 +36,10 @@ from config import (BatchPlan, ConfigError, TrainConfig, flat, load_config, load
                     plan_batch, resume_config, with_values)
 from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, check_prepared, prepare, token_byte_lengths
 from model import Transformer
+from runtime import RankError, Runtime, check_shared_files, compute_dtype, peak_bf16_flops, setup_runtime
 from tokenizer import Tokenizer
 
-# Dense (no sparsity) bf16 tensor-core peak per GPU from NVIDIA's datasheets, matched on the exact
-# variant: an H100 PCIe scored against the SXM part's 989 TFLOP/s would read 30% low.
-PEAK_BF16_FLOPS = [(r"H100.*PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"\bG?H[12]00\b", 989e12),
-                   (r"\bB200\b", 2250e12), (r"\bA100\b", 312e12), (r"\bL40S\b", 362e12), (r"\bL4\b", 121e12),
-                   (r"\bA10\b", 125e12)]
-# Host-side agreement (the data is ready, a rank was signalled) waits on a gloo group with this timeout,
-# not on NCCL's 10 minutes: rank 0 may spend hours preparing a corpus while the others wait.
-HOST_WAIT = datetime.timedelta(hours=24)
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by its name, or None for a device not in the table."""
-    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, device_name)), None)
-
-
 # ----------------------------------------------------------------------------- setup
-
-class RankError(ConfigError):
-    """A problem of one rank alone (its GPU, its view of the files): each rank reports its own."""
-
-
-@dataclasses.dataclass
-class Runtime:
-    """Where this process runs: its rank in the job, its device, and the gloo group for host-side waits."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    host_group: object = None
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1 or dist.is_initialized()
-
-    @functools.cached_property
-    def mesh(self):
-        """The device mesh FSDP shards over, of the run's own device type: left to itself FSDP picks the
-        machine's accelerator, and would move a --device=cpu model onto a GPU that the gloo group cannot
-        talk to. Built once, outside any fake-tensor tracing (memory.py): it reads the rank layout."""
-        from torch.distributed.device_mesh import init_device_mesh
-        return init_device_mesh(self.device.type, (self.world_size,))
-
-    def barrier(self):
-        if self.distributed:
-            dist.barrier(self.host_group)
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank (a picklable Python object, sent over the host group)."""
-        if not self.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.host_group)
-        return box[0]
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Join the torchrun job if there is one: nccl on CUDA, gloo on CPU, one device per local rank."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device} but CUDA is not available; use --device=cpu")
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RankError(f"rank {rank} (local rank {local_rank}) on {socket.gethostname()} has no GPU: this node "
-                            f"has {torch.cuda.device_count()}; use --nproc_per_node={torch.cuda.device_count()} or less")
-        device = torch.device(cfg.device if ":" in cfg.device and world_size == 1 else f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    host_group = None
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        host_group = dist.new_group(backend="gloo", timeout=HOST_WAIT)
-    elif cfg.parallel == "fsdp":
-        raise ConfigError("parallel=fsdp needs torchrun (e.g. torchrun --standalone --nproc_per_node=1 train.py ...)")
-    return Runtime(rank, local_rank, world_size, device, host_group)
-
-
-def native_bf16_cpu() -> str | None:
-    """The x86 feature that gives this CPU native bf16 matrix multiplies, or None.
-
-    With AMX tiles or AVX512-BF16 dot products oneDNN multiplies bf16 matrices about twice as fast as
-    fp32 or more (bench/bench_model.py); without them it emulates bf16, slower than fp32. Other CPUs
-    (Arm included) are not measured here, so dtype=auto keeps them in fp32.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return None
-    for feature, supported in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
-        if getattr(torch.cpu, supported, lambda: False)():
-            return feature
-    return None
-
-
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, str]:
-    """The autocast dtype, and why (for the start line). dtype=auto: bf16 on CUDA and on CPUs with
-    native bf16 matmuls, fp32 elsewhere. Weights, gradients and AdamW state stay fp32 either way."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype), f"{cfg.dtype} (dtype={cfg.dtype})"
-    if device.type == "cuda":
-        return torch.bfloat16, "bf16 autocast (dtype=auto on CUDA)"
-    feature = native_bf16_cpu()
-    if feature:
-        return torch.bfloat16, f"bf16 autocast (dtype=auto: this CPU has {feature})"
-    return torch.float32, "float32 (dtype=auto: this CPU has no native bf16 matmul, AMX or AVX512-BF16)"
 
 
 def tensorboard_writer():
@@ -160,19 +49,6 @@ def tensorboard_writer():
     except ImportError:
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter
-
-
-def check_shared_files(rt: Runtime, path: Path, what: str):
-    """Every rank must see the files rank 0 writes (prepared data, checkpoints): on several nodes that
-    takes a shared filesystem. A rank that cannot see rank 0's newest file stops with one line."""
-    expected = rt.broadcast(path.read_text() if rt.is_main else None)
-    try:
-        seen = path.read_text()
-    except OSError:
-        seen = None
-    if seen != expected:
-        raise RankError(f"rank {rt.rank} on {socket.gethostname()} cannot see the {what} rank 0 wrote at {path}:"
-                        " runs on several nodes need out_dir and data_dir on a filesystem every node shares")
 
 
 def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool = False) -> Tokenizer:

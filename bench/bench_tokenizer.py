@@ -32,6 +32,7 @@ from tokenizer_train import DEFAULT_MEMORY_BUDGET
 # language. The chains learn from the first 90% of each file; the last 10% is the held-out text.
 LANGUAGES = {"zh": (["chinese_poetry.txt", "zh_tang_guwen.txt", "zh_cmrc2018_wiki.txt", "zh_commonvoice_wiki.txt"], 2, 3),
              "en": ([f"eltec_en/eltec_en_0{i}.txt" for i in range(9)], 4, 6)}
+NEEDED = ["zh_commonvoice_wiki.txt", *(name for files, _, _ in LANGUAGES.values() for name in files)]
 
 
 def train_child(job):
@@ -197,7 +198,10 @@ def previous_at_equal_memory(path, rss, tmp):
     return best
 
 
-def mb_per_s(fn, arg, n_bytes, runs):
+def mb_per_s(fn, arg, n_bytes, runs, warmup=0):
+    """MB/s of fn(arg): the median of `runs` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn(arg)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -229,31 +233,46 @@ def main():
     print(f"{'corpus':<24}{'vocab':>7}{'MB':>7}{'seconds':>9}{'peak RSS MB':>13}")
     jobs = [(shakespeare, 4096, args.runs), (data / "peps.jsonl", 4096, 1), (data / "peps.jsonl", 32000, args.runs),
             (data / "chinese_poetry.txt", 4096, 1), (data / "chinese_poetry.txt", 32000, 1)]
+    missing = sorted({str(path) for path, _, _ in jobs if not path.exists()}
+                     | {str(data / name) for name in NEEDED if not (data / name).exists()})
+    if missing:
+        print(f"skipping what needs {', '.join(missing)}: not found (the shared corpora; --data-dir DIR)")
     toks = {}
     for path, vocab, runs in jobs:
+        if str(path) in missing:
+            continue
         out = tmp / f"{path.stem}-{vocab}.json"
         seconds, _, rss, _ = train("new", path, vocab, out, runs)
         toks[path.stem, vocab] = Tokenizer.load(out)
         print(f"{path.name + ' *' * (runs > 1):<24}{vocab:>7}{path.stat().st_size / 1e6:>7.1f}{seconds:>9.2f}{rss:>13.0f}")
-    if args.big:
+    if args.big and not missing:
         work = Path(args.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         big(data, work, tmp)
 
     print("\n## encode throughput, MB/s (median of runs, single thread unless said)")
     findall = regex.compile(GPT4_SPLIT_PATTERN).findall
-    corpora = [("tinyshakespeare", shakespeare.read_text(encoding="utf-8"), ("tinyshakespeare", 4096)),
-               ("peps.jsonl", [json.loads(line)["text"] for line in open(data / "peps.jsonl")], ("peps", 32000)),
-               ("zh_commonvoice_wiki", (data / "zh_commonvoice_wiki.txt").read_text(encoding="utf-8"),
+    corpora = [("tinyshakespeare", lambda: shakespeare.read_text(encoding="utf-8"), ("tinyshakespeare", 4096)),
+               ("peps.jsonl", lambda: [json.loads(line)["text"] for line in open(data / "peps.jsonl")], ("peps", 32000)),
+               ("zh_commonvoice_wiki", lambda: (data / "zh_commonvoice_wiki.txt").read_text(encoding="utf-8"),
                 ("chinese_poetry", 32000))]
-    print(f"{'text':<22}{'vocab':>6}{'ours cold':>10}{'ours warm':>10}{'tiktoken':>10}{'findall':>9}{'batch x2':>10}")
-    for name, text, key in corpora:
-        tok = toks[key]
+    print("ours: Tokenizer.encode_ordinary, which hands the work to tiktoken when it is installed; python: the same")
+    print("with accelerate=False (the reference encoder, and the fallback). cold: the first pass, warm: a repeated one")
+    print(f"{'text':<22}{'vocab':>6}{'ours cold':>10}{'ours warm':>10}{'python cold':>12}{'python warm':>12}"
+          f"{'tiktoken':>10}{'findall':>9}{'batch x2':>10}")
+    for name, read, key in corpora:
+        if key not in toks:
+            continue
+        tok, text = toks[key], read()
         docs = text if isinstance(text, list) else [text[i:i + 100_000] for i in range(0, len(text), 100_000)]
         n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-        fresh = Tokenizer(tok.pattern, tok.merges, list(tok.special_tokens))
-        cold = mb_per_s(lambda ds: [fresh.encode_ordinary(d) for d in ds], docs, n_bytes, 1)
-        warm = mb_per_s(lambda ds: [tok.encode_ordinary(d) for d in ds], docs, n_bytes, args.runs)
+        encoders = []
+        for accelerate in (True, False):
+            fresh, warmed = (Tokenizer(tok.pattern, tok.merges, list(tok.special_tokens)) for _ in range(2))
+            fresh.accelerate = warmed.accelerate = accelerate
+            encoders += [(fresh, 1, 0), (warmed, args.runs, 1)]
+        cold, warm, py_cold, py_warm = (mb_per_s(lambda ds: [t.encode_ordinary(d) for d in ds], docs, n_bytes, runs, warmup)
+                                        for t, runs, warmup in encoders)
         split = mb_per_s(lambda ds: [findall(d) for d in ds], docs, n_bytes, args.runs)
         batch = mb_per_s(lambda ds: tok.encode_batch(ds, num_workers=2), docs, n_bytes, args.runs)
         tt = "-"
@@ -261,9 +280,12 @@ def main():
             enc = tiktoken.Encoding(name="b", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
                                     special_tokens=tok.special_tokens)
             tt = f"{mb_per_s(lambda ds: [enc.encode_ordinary(d) for d in ds], docs, n_bytes, args.runs):.1f}"
-        print(f"{name:<22}{key[1]:>6}{cold:>10.1f}{warm:>10.1f}{tt:>10}{split:>9.1f}{batch:>10.1f}")
+        print(f"{name:<22}{key[1]:>6}{cold:>10.1f}{warm:>10.1f}{py_cold:>12.1f}{py_warm:>12.1f}{tt:>10}{split:>9.1f}"
+              f"{batch:>10.1f}")
 
     print("\n## compression on held-out text, bytes per token")
+    if missing:
+        return
     held_out = [("eltec_en_08 (2 MB)", (data / "eltec_en" / "eltec_en_08.txt").read_text(encoding="utf-8"), "peps"),
                 ("eltec_en_08 (2 MB)", None, "tinyshakespeare"),
                 ("zh_commonvoice_wiki", (data / "zh_commonvoice_wiki.txt").read_text(encoding="utf-8"), "chinese_poetry")]

@@ -1,3 +1,4 @@
+import argparse
 import itertools
 import json
 import pickle
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import tokenizer_train
 from tests.reference_bpe import train_merges
-from tokenizer import (EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main)
+from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -401,3 +402,10 @@ def test_cli(tmp_path, capsys):
               "--memory-budget", "lots"])
     with pytest.raises(SystemExit, match="error: vocab_size 10 is too small"):
         main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "10", "--out", str(tmp_path / "u.json")])
+
+
+def test_memory_budget_sizes():
+    assert [parse_size(s) for s in ("512M", "2G", "1.5g", "64KiB", "1000")] == [512 << 20, 2 << 30, 3 << 29, 64 << 10, 1000]
+    for bad in ("", "2X", "-1G", "G"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+            parse_size(bad)
