@@ -1,4 +1,4 @@
-"""A cluster check before GPU hours are spent: each training mode for two steps, the 7B width for speed.
+"""A cluster check before GPU hours are spent: each training mode for three steps, the 7B width for speed.
 
     python bench/gpu_check.py [--out gpu_check.json] [--layers 4] [--steps 10] [--compile]
 
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from config import apply_overrides, load_config  # noqa: E402
+from memory import estimate_memory  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate  # noqa: E402
-from memory import estimate_memory  # noqa: E402
 
 VOCAB = 512  # the tokenizer trained for the check; the 7B-width model keeps its 32000-row tables
 # Agreement of the losses (the same weights and batches in every mode): fp32 modes differ only in

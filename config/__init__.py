@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 
 def small_model() -> ModelConfig:
     """The default model: 2.6M parameters that a 2-core CPU trains on tinyshakespeare in minutes.
-    No dropout: it learns faster and ends lower without (the curves in the README's training figures),
-    and its steps are cheaper (no random masks; attention takes the fused kernel)."""
+    No dropout: it learns faster early without (2.30 against 2.38 val bits per byte at step 100), ends
+    as low (1.86), and its steps are cheaper: no random masks, and attention takes the fused kernel
+    (the curves are in the README's training figures)."""
     return ModelConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, ffn_hidden=512, max_seq_len=128)
 
 

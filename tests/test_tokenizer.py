@@ -137,12 +137,14 @@ def naive_merges(text, n_merges):
 
 @settings(max_examples=25, deadline=None)
 @given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
-def test_incremental_training_equals_naive_recount_on_random_text(text, n_merges):
+def test_training_equals_naive_recount_on_random_text_under_any_budget(text, n_merges):
+    """memory_budget=1: the sample is the first text, and the tracked pairs are always over budget."""
     try:
         expected = naive_merges(text, n_merges)
     except ValueError:  # min() of no pairs: the text allows fewer merges
         return
     assert Tokenizer.train(text, 256 + n_merges, special_tokens=()).merges == expected
+    assert Tokenizer.train([text, "never read"], 256 + n_merges, special_tokens=(), memory_budget=1).merges == expected
 
 
 def test_incremental_training_equals_naive_recount_on_real_text():
@@ -234,17 +236,6 @@ def test_training_with_ids_past_16_bits_and_pieces_past_64_kb(zh):
     pairs = tokenizer_train._Pairs(sample, 1 << 17, tokenizer_train.DEFAULT_MEMORY_BUDGET)
     assert pairs.tok.dtype == pairs.span.dtype == "int32"
     assert tokenizer_train._learn_merges(pairs, 300, False) == train_merges(texts, 300, GPT4_SPLIT_PATTERN)
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
-def test_any_budget_gives_the_same_merges(text, n_merges):
-    """memory_budget=1: the sample is the first text, and the tracked pairs are always over budget."""
-    try:
-        expected = naive_merges(text, n_merges)
-    except ValueError:  # min() of no pairs: the text allows fewer merges
-        return
-    assert Tokenizer.train([text, "never read"], 256 + n_merges, special_tokens=(), memory_budget=1).merges == expected
 
 
 def test_memory_budget_bounds_training_on_an_endless_corpus(monkeypatch, capsys):
