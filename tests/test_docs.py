@@ -42,6 +42,8 @@ PLACEHOLDERS = {"$NODE_RANK": "0", "$MASTER_HOST": "localhost", "$SLURM_ARRAY_TA
 SYNOPSIS = {"CONFIG": "config/7b.py", "--key=value": None, "...": None}
 # Programs that are not this project's: their command lines are the user's business.
 EXTERNAL = {"huggingface-cli"}
+# Scripts beside the project, not in a clone of it: the peers the benchmarks compare against.
+EXTERNAL_SCRIPTS = {"../shared/peers/vs_nanogpt.py"}
 PYTEST_FLAGS = {"-q", "-x"}  # pytest's own flags that the READMEs use
 # Flags named in the text on their own are options of these scripts (or config keys); these stand for any.
 FLAG_SCRIPTS = ("train.py", "data.py", "sample.py", "tokenizer.py")
@@ -182,6 +184,8 @@ def check_python(args: list[str], command: str):
         return
     assert args and not args[0].startswith("-"), f"{command}: expected python SCRIPT ..."
     script, rest = args[0], args[1:]
+    if script in EXTERNAL_SCRIPTS:
+        return
     result = script_arguments(script, rest)
     if script == "train.py":
         namespace, overrides = result
