@@ -728,11 +728,12 @@ def main(argv=None) -> None:
         print(f"trained vocab_size {tok.vocab_size} in {time.perf_counter() - start:.1f}s")
         tok.save(args.out)
         n_bytes = n_tokens = 0
-        for text in sample_texts(sources, 0.0, args.text_field, 16 << 20):  # a first look at compression
-            n_bytes += len(text.encode("utf-8"))
-            n_tokens += len(tok.encode_ordinary(text))
-            if n_bytes >= 16 << 20:
-                break
+        with contextlib.closing(sample_texts(sources, 0.0, args.text_field, 16 << 20)) as texts:
+            for text in texts:  # a first look at compression, on a sample of 16 MB at most
+                n_bytes += len(text.encode("utf-8"))
+                n_tokens += len(tok.encode_ordinary(text))
+                if n_bytes >= 16 << 20:
+                    break
         print(f"saved {args.out}; compression on {n_bytes / 1e6:.1f} MB of the input: "
               f"{n_bytes / max(n_tokens, 1):.2f} bytes/token")
     except (OSError, ValueError) as e:

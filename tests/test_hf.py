@@ -299,7 +299,7 @@ def train_args(folder, corpus, data_dir, out_dir, *extra):
     return [f"--init_from={folder}", f"--inputs={corpus}", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
             "--model.max_seq_len=32", "--micro_batch_size=4", "--global_batch_tokens=256", "--max_steps=2",
             "--lr=1e-3", "--warmup_steps=1", "--eval_interval=1", "--eval_tokens=512", "--log_interval=1",
-            "--sample_tokens=8", "--dtype=float32", *extra]  # compared with transformers in fp32
+            "--sample_tokens=8", "--device=cpu", "--dtype=float32", *extra]  # compared with transformers in fp32
 
 
 def log_records(out_dir):

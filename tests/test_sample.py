@@ -320,7 +320,8 @@ def test_final_sample_of_a_training_run_skips_padding_rows(ckpt_dir, tmp_path, c
     assert train.main([f"--inputs={tmp_path / 'corpus.txt'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
                        f"--tokenizer={os.path.join(ckpt_dir, 'tokenizer.json')}", "--model.vocab_size=384", "--model.dim=32",
                        "--model.n_layers=1", "--model.n_heads=2", "--model.max_seq_len=32", "--micro_batch_size=4",
-                       "--global_batch_tokens=128", "--max_steps=1", "--eval_tokens=128", "--sample_tokens=20"]) == 0
+                       "--global_batch_tokens=128", "--max_steps=1", "--eval_tokens=128", "--sample_tokens=20",
+                       "--device=cpu"]) == 0
     assert "--- sample ---" in capsys.readouterr().out
 
 

@@ -395,6 +395,20 @@ def test_cli(tmp_path, capsys):
         main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "10", "--out", str(tmp_path / "u.json")])
 
 
+def test_cli_samples_every_file_of_a_folder(tmp_path, capsys):
+    """--max-bytes of a third of the folder: a prefix would be the English file alone; the sample takes from both."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a_english.txt").write_text(CORPUS[:60_000])
+    (folder / "b_chinese.txt").write_text(chinese_like(20_000, 2))
+    total = sum(len(f.read_bytes()) for f in folder.iterdir())
+    main(["--input", str(folder), "--vocab-size", "600", "--out", str(tmp_path / "t.json"), "--max-bytes", str(total // 3)])
+    assert "stopped at max_bytes" in capsys.readouterr().out
+    tokens = [token.decode("utf-8", "ignore") for token in Tokenizer.load(tmp_path / "t.json").mergeable_ranks][256:]
+    assert any("\u4e00" <= c <= "\u9fff" for token in tokens for c in token)
+    assert any(token.strip().isascii() and token.strip().isalpha() for token in tokens)
+
+
 def test_memory_budget_sizes():
     assert [parse_size(s) for s in ("512M", "2G", "1.5g", "64KiB", "1000")] == [512 << 20, 2 << 30, 3 << 29, 64 << 10, 1000]
     for bad in ("", "2X", "-1G", "G"):
