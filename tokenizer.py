@@ -557,7 +557,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> "Tokenizer":
         """Read a tokenizer: this project's file (versions 1 and 2), a Hugging Face tokenizer.json
-        of byte-level or SentencePiece-style BPE, a tiktoken ranks file (see hf.read_tiktoken), or
+        of byte-level or SentencePiece-style BPE, a tiktoken ranks file (see tokenizer_formats.read_tiktoken), or
         a folder holding one of them (a run, data or model folder: the first of TOKENIZER_FILES).
         Anything else raises TokenizerError saying why, in one line."""
         path = Path(path)
@@ -571,7 +571,7 @@ class Tokenizer:
         except OSError as e:
             raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
         if _TIKTOKEN_LINE.match(raw):
-            from hf import read_tiktoken
+            from tokenizer_formats import read_tiktoken
             return read_tiktoken(path)
         if path.suffix == ".model":
             raise TokenizerError(f"{path} is a SentencePiece model, which is not supported: use the model's tokenizer.json "
@@ -581,7 +581,7 @@ class Tokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path}: not valid JSON, the file is corrupt or truncated ({e})") from None
         if isinstance(obj, dict) and "model" in obj and "format" not in obj:
-            from hf import read_tokenizer_json
+            from tokenizer_formats import read_tokenizer_json
             return read_tokenizer_json(path, obj)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise TokenizerError(f'{path}: not a {FORMAT} tokenizer file (no "format": "{FORMAT}" field) nor a '

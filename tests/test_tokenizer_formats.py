@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 import corpus
 import data
+import tokenizer_formats
 from tokenizer import EOT, GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, Tokenizer, TokenizerError
 from tests.test_tokenizer import CORPUS
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")
-hf = pytest.importorskip("hf")  # imports torch, as the model half of hf.py needs it
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 ZH = "我们今天学习了自然语言处理，分词器把文字变成数字。你好，世界！春眠不觉晓，处处闻啼鸟。\n"
@@ -349,7 +349,7 @@ def test_llama3_tiktoken_defaults(tmp_path):
     with pytest.raises(TokenizerError, match="holds no split pattern nor special tokens"):
         write_ranks(tmp_path / "small.tiktoken", dict(list(ranks.items())[:1000]))
         Tokenizer.load(tmp_path / "small.tiktoken")
-    small = hf.read_tiktoken(tmp_path / "small.tiktoken", GPT4_SPLIT_PATTERN, ["<|x|>"], eos="<|x|>")
+    small = tokenizer_formats.read_tiktoken(tmp_path / "small.tiktoken", GPT4_SPLIT_PATTERN, ["<|x|>"], eos="<|x|>")
     assert small.eos_id == 1000 and small.encode_ordinary("abab") == [1, 1]
 
 
@@ -359,7 +359,7 @@ def test_llama3_tiktoken_defaults(tmp_path):
 def test_export_then_autotokenizer_and_import(hf_files, ours, tmp_path, kind):
     transformers = pytest.importorskip("transformers")
     tok = ours if kind == "ours" else Tokenizer.load(hf_files[kind][0])
-    hf.write_tokenizer(tok, tmp_path)
+    tokenizer_formats.write_tokenizer(tok, tmp_path)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     back = Tokenizer.load(tmp_path)
     slow = python_encoder(back)
