@@ -195,7 +195,7 @@ def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
     F.scaled_dot_product_attention (fused kernels; each kv head serves its group of query heads without a copy).
 
     Under CPU autocast it runs in fp32, unlike the projections around it: PyTorch's CPU attention kernels
-    are slower in bf16 than in fp32 (2.5x for the fused kernel's forward + backward on an AVX512-BF16 CPU,
+    are slower in bf16 than in fp32 (2.3x for the fused kernel's forward + backward on an AVX512-BF16 CPU,
     `python bench/bench_model.py`), while its bf16 matmuls are about twice as fast.
     """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
