@@ -283,9 +283,9 @@ def main():
         print(f"{name:<22}{key[1]:>6}{cold:>10.1f}{warm:>10.1f}{py_cold:>12.1f}{py_warm:>12.1f}{tt:>10}{split:>9.1f}"
               f"{batch:>10.1f}")
 
-    print("\n## compression on held-out text, bytes per token")
     if missing:
         return
+    print("\n## compression on held-out text, bytes per token")
     held_out = [("eltec_en_08 (2 MB)", (data / "eltec_en" / "eltec_en_08.txt").read_text(encoding="utf-8"), "peps"),
                 ("eltec_en_08 (2 MB)", None, "tinyshakespeare"),
                 ("zh_commonvoice_wiki", (data / "zh_commonvoice_wiki.txt").read_text(encoding="utf-8"), "chinese_poetry")]
