@@ -3,6 +3,8 @@ import itertools
 import json
 import pickle
 import random
+import subprocess
+import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -414,3 +416,13 @@ def test_memory_budget_sizes():
     for bad in ("", "2X", "-1G", "G"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
             parse_size(bad)
+
+
+def test_the_tokenizer_benchmark_skips_the_corpora_it_cannot_find(tmp_path):
+    """bench/bench_tokenizer.py without ../shared/data (a fresh clone): the bundled corpus only, and a message."""
+    result = subprocess.run([sys.executable, "bench/bench_tokenizer.py", f"--data-dir={tmp_path}", "--runs=1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping what needs {tmp_path / 'chinese_poetry.txt'}" in result.stdout
+    assert "tinyshakespeare.txt" in result.stdout
+    assert "peps.jsonl" not in result.stdout.replace(str(tmp_path / "peps.jsonl"), "")  # named only as missing
