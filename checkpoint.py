@@ -11,7 +11,6 @@ oldest beyond `keep` deleted: a crash at any moment leaves every earlier checkpo
 resume takes the newest complete one. Every file is loaded with `torch.load(...,
 weights_only=True)`: nothing is unpickled.
 """
-import os
 import re
 import shutil
 import warnings
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import atomic
 
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
@@ -63,23 +64,12 @@ def delete(path: Path):
     shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
 
 
-def _fsync(path: Path):
-    """Flush a file, or a folder's entries (so a rename in it survives a power loss), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: Path):
     """torch.save to a temporary file, fsync, rename: a crash mid-write leaves any old file intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        atomic.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -137,9 +127,7 @@ def save(out_dir, step: int, model, optimizer, train_state: dict, sharded: bool,
         dist.barrier(group)
         if rank == 0:
             atomic_save({"version": FORMAT_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
-            _fsync(tmp)
-            os.replace(tmp, final)
-            _fsync(final.parent)
+            atomic.replace(tmp, final)
     if rank == 0:
         for old in list_checkpoints(out_dir, sharded)[:-keep]:
             delete(old)

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import atomic
 from corpus import DataError, Progress, list_sources, read_documents, sample_texts, val_share
 from tokenizer import Tokenizer, parse_size
 
@@ -59,31 +60,7 @@ VAL_MAX_BYTES = 100_000_000         # the val split holds at most about this muc
 SPLITS = ("train", "val")
 
 
-# ----------------------------------------------------------------------------- files that survive a crash
-
-def _fsync_dir(folder: Path):
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_atomic(path: Path, text: str):
-    """Replace path with text: a temporary file, fsynced, renamed over it, the folder fsynced."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
+# ----------------------------------------------------------------------------- shards that survive a crash
 
 class _ShardWriter:
     """Appends one split's tokens to shards {split}_00000.bin, ... of at most SHARD_TOKENS tokens.
@@ -136,7 +113,7 @@ class _ShardWriter:
             self.file.flush()
             os.fsync(self.file.fileno())
         if self.new_file:
-            _fsync_dir(self.folder)
+            atomic.fsync(self.folder)
             self.new_file = False
         return {"shards": [dict(s) for s in self.shards], "bytes": self.bytes, "documents": self.documents}
 
@@ -256,7 +233,7 @@ def _claim(folder: Path, settings: dict) -> dict:
                         f" was not prepared here; choose a new or empty folder (nothing was changed)")
     manifest = {"format": META_FORMAT + "-progress", "settings": settings, "tokenizer_fingerprint": None,
                 "checkpoint": None}
-    _write_atomic(path, json.dumps(manifest))
+    atomic.write_text(path, json.dumps(manifest))
     return manifest
 
 
@@ -320,9 +297,9 @@ def prepare(inputs: list[str], out_dir: str, vocab_size: int | None = None, toke
                 "skipped": counts, "splits": splits, **({"part": list(part)} if part else {})}
         if not part:
             _check_splits(splits, inputs)
-        _write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+        atomic.write_text(folder / "meta.json", json.dumps(meta, indent=1))
         (folder / MANIFEST).unlink()
-        _fsync_dir(folder)
+        atomic.fsync(folder)
     except OSError as error:
         raise DataError(f"cannot write to {folder} ({error.strerror or error}); fix that (e.g. free some space) "
                         f"and run the same command again to resume") from None
@@ -359,10 +336,9 @@ def _tokenizer(folder, manifest, given, sources, share, settings, memory_budget,
                                             verbose=verbose)
             except ValueError as error:
                 raise DataError(str(error)) from None
-    tokenizer.save(path)
-    _fsync_file(path)
+    tokenizer.save(path)  # atomically and durably, before the manifest counts it
     manifest["tokenizer_fingerprint"] = tokenizer.fingerprint()
-    _write_atomic(folder / MANIFEST, json.dumps(manifest))
+    atomic.write_text(folder / MANIFEST, json.dumps(manifest))
     return tokenizer
 
 
@@ -392,7 +368,7 @@ def _encode(folder, manifest, tokenizer, sources, share, text_field, num_workers
                 if piece.resume and time.monotonic() - saved >= CHECKPOINT_SECONDS:
                     manifest["checkpoint"] = {"position": list(piece.resume), "skipped": dict(counts),
                                               "splits": {split: w.sync() for split, w in writers.items()}}
-                    _write_atomic(folder / MANIFEST, json.dumps(manifest))
+                    atomic.write_text(folder / MANIFEST, json.dumps(manifest))
                     saved = time.monotonic()
                 progress.update(piece.raw_done)
     except BrokenProcessPool as error:
@@ -436,9 +412,8 @@ def merge_parts(out_dir, verbose: bool = True) -> dict:
     meta = {**{k: v for k, v in metas[0].items() if k != "part"}, "parts": count, "skipped": skipped, "splits": splits}
     tmp = out / (TOKENIZER_FILE + ".tmp")
     shutil.copyfile(folders[0] / TOKENIZER_FILE, tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, out / TOKENIZER_FILE)
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=1))
+    atomic.replace(tmp, out / TOKENIZER_FILE)
+    atomic.write_text(out / "meta.json", json.dumps(meta, indent=1))
     if verbose:
         print(f"merged {count} parts into {out}", file=sys.stderr)
     return meta

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import atomic
 import checkpoint
 from model import ModelConfig, Transformer
 from tokenizer_formats import write_tokenizer
@@ -442,7 +443,7 @@ def export(model: Transformer, tokenizer, folder, max_shard_bytes: int = MAX_SHA
         written = {path.name for path in tmp.iterdir()}
         folder.mkdir(parents=True, exist_ok=True)
         for path in tmp.iterdir():
-            os.replace(path, folder / path.name)
+            atomic.replace(path, folder / path.name)
         for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*"):
             for stale in folder.glob(pattern):
                 if stale.name not in written:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import regex
 
+import atomic
+
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 # The same pattern for pure-ASCII text, where \p{L}, \p{N} and \s reduce to plain classes.
 # The stdlib `re` runs it about twice as fast as `regex` runs the Unicode one, and the split
@@ -59,7 +61,7 @@ class TokenizerError(ValueError):
     """A tokenizer file or training input that cannot be used; the message says why."""
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- splitting text into pieces
 
 # No GPT-4 piece runs from a newline into a following non-space character, so text can be cut
 # there and each part split on its own with the same result: the ASCII fast path uses that, and
@@ -529,7 +531,7 @@ class Tokenizer:
     # ------------------------------------------------------------------------- files
 
     def save(self, path) -> None:
-        """Write one human-readable JSON file, atomically (a crash never leaves half a file):
+        """Write one human-readable JSON file, atomically and durably (atomic.py):
         version 1 (pattern, merges, special tokens) when it can hold this tokenizer, else
         version 2 (the whole definition, see _definition), a token or a merge per line."""
         path = Path(path)
@@ -547,12 +549,7 @@ class Tokenizer:
                 lines.append(f' "{key}": {brackets[0]}\n  ' + ",\n  ".join(items) + f"\n {brackets[1]}")
             else:
                 lines.append(f' "{key}": {_json(value)}')
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic.write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

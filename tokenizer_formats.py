@@ -8,11 +8,11 @@ file says that changes the ids is mapped or refused with one line naming it.
 """
 import base64
 import json
-import os
 from pathlib import Path
 
 import regex
 
+import atomic
 from tokenizer import EOT, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, METASPACE_SPLIT, Tokenizer, TokenizerError
 
 # Byte-level files write each token's bytes as printable characters (GPT-2's map,
@@ -316,10 +316,5 @@ def write_tokenizer(tokenizer: Tokenizer, folder) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos, "eos_token": tokenizer.eos,
               "add_bos_token": tokenizer.bos is not None, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "model_max_length": 1 << 30}
-    for name, text in (("tokenizer.json", tokenizer_json(tokenizer)), (TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2))):
-        tmp = folder / f"{name}.tmp-{os.getpid()}"
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+    atomic.write_text(folder / "tokenizer.json", tokenizer_json(tokenizer))
+    atomic.write_text(folder / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2))

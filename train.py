@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import atomic
 import checkpoint
 import hf
 import memory
@@ -251,9 +252,7 @@ class Trainer:
         log = self.out_dir / "log.jsonl"
         if log.exists():
             kept = [line for line in log.read_text().splitlines() if _step_of_record(line) <= self.step]
-            tmp = log.with_name("log.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, log)
+            atomic.write_text(log, "".join(line + "\n" for line in kept))
 
     def _check_resumable(self, state: dict):
         if state.get("tokenizer_fingerprint") != self.train_data.meta["tokenizer_fingerprint"] or \

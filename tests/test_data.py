@@ -218,7 +218,7 @@ def test_shards_tokenizer_and_meta_are_fsynced_before_they_count(tmp_path, token
     meta = prepare([str(tmp_path / "t.txt")], str(tmp_path / "out"), tokenizer_path=str(tokenizer_file), verbose=False)
     out = str(tmp_path / "out")
     shards = [f"{out}/{s['path']}" for split in meta["splits"].values() for s in split["shards"]]
-    assert set(shards + [out, f"{out}/tokenizer.json", f"{out}/meta.json.tmp"]) <= set(synced)
+    assert set(shards + [out, f"{out}/tokenizer.json.tmp", f"{out}/meta.json.tmp"]) <= set(synced)
     assert synced.index(f"{out}/meta.json.tmp") > max(synced.index(s) for s in shards)
 
 
