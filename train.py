@@ -578,7 +578,7 @@ def main(argv=None) -> int:
         if args.trace and not args.dry_run:
             raise ConfigError("--trace goes with --dry-run (python train.py CONFIG --dry-run --trace)")
         if args.dry_run:
-            memory.dry_run(with_values(load_file(args.config), parse_overrides(overrides)), args.world_size, args.trace)
+            memory.dry_run(load_config(args.config, overrides), args.world_size, args.trace)
             return 0
         cfg, resume_from, changes = start_config(args, overrides)
         plan = plan_batch(cfg, world_size)

@@ -409,6 +409,13 @@ def test_model_overrides_that_contradict_init_from(folders, corpus, tmp_path, ca
         assert message in err and err.count("\n") == 1
 
 
+def test_dry_run_takes_the_model_of_init_from(folders, capsys):
+    """--dry-run reads only config.json, and shows the imported model's size, not the default model's."""
+    folder, reference = folders["llama_gqa", "safetensors"]
+    assert train.main([f"--init_from={folder}", "--dry-run", "--model.max_seq_len=32"]) == 0
+    assert f"parameters: {sum(p.numel() for p in reference.parameters()):,} " in capsys.readouterr().out
+
+
 def test_init_from_errors_are_one_line(folders, corpus, tmp_path, capsys):
     for source, message in ((tmp_path / "nothing", "is not a folder"), (tmp_path, "has neither config.json nor a checkpoint")):
         assert train.main(train_args(source, corpus, tmp_path / "data", tmp_path / "out")) == 2
