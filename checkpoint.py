@@ -11,9 +11,11 @@ oldest beyond `keep` deleted: a crash at any moment leaves every earlier checkpo
 resume takes the newest complete one. Every file is loaded with `torch.load(...,
 weights_only=True)`: nothing is unpickled.
 """
+import fcntl
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +59,20 @@ def list_checkpoints(out_dir, sharded: bool) -> list[Path]:
 def latest(out_dir, sharded: bool) -> Path | None:
     checkpoints = list_checkpoints(out_dir, sharded)
     return checkpoints[-1] if checkpoints else None
+
+
+@contextmanager
+def lock(out_dir):
+    """An exclusive lock on out_dir, held by rank 0 for the whole run: two runs writing the same
+    checkpoints (or one deleting the other's partial save, remove_partial) would lose work."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / ".lock", "w") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"another run is using {out_dir} (it holds {Path(out_dir) / '.lock'}); "
+                                  "wait for it to finish or choose another --out_dir") from None
+        yield
 
 
 def delete(path: Path):

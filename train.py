@@ -14,7 +14,6 @@ torchrun; evaluation in nats per token and bits per byte; a log line and a JSONL
 """
 import argparse
 import dataclasses
-import fcntl
 import gc
 import json
 import math
@@ -23,7 +22,7 @@ import signal
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -540,27 +539,10 @@ def start_config(args, overrides: list[str]) -> tuple[TrainConfig, Path | None, 
     return cfg, found, changes
 
 
-@contextmanager
-def out_dir_lock(out_dir: str, rt: Runtime):
-    """Rank 0 holds an exclusive lock on out_dir for the whole run: two runs writing the same
-    checkpoints (or one deleting the other's partial save) would lose work."""
-    if not rt.is_main:
-        yield
-        return
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(out_dir) / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another run is using {out_dir} (it holds {Path(out_dir) / '.lock'}); "
-                              "wait for it to finish or choose another --out_dir") from None
-        yield
-
-
 def train(cfg: TrainConfig, plan: BatchPlan, rt: Runtime, resume_from: Path | None, changes: dict,
           overwrite: bool) -> int:
     """Run the training; 0 when it finished or stopped by a signal, 1 when non-finite losses stopped it."""
-    with out_dir_lock(cfg.out_dir, rt):
+    with checkpoint.lock(cfg.out_dir) if rt.is_main else nullcontext():
         trainer = Trainer(cfg, plan, rt, resume_from, changes, overwrite)
         finished = trainer.run()
         if finished and trainer.step >= cfg.max_steps:

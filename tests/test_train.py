@@ -124,6 +124,15 @@ def test_a_second_start_never_overwrites_a_checkpoint(data_dir, tmp_path, capsys
     assert "no checkpoint in" in capsys.readouterr().err
 
 
+def test_a_run_folder_in_use_is_refused(data_dir, tmp_path, capsys):
+    """While one run holds out_dir, a second one started on it stops at once and writes nothing there."""
+    with checkpoint.lock(tmp_path):
+        assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 2
+    assert f"another run is using {tmp_path}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 0  # released
+
+
 def test_the_newest_checkpoints_are_kept_and_partial_saves_cleared(data_dir, tmp_path, monkeypatch):
     args = ["--ckpt_interval=1", "--keep_checkpoints=2"]
     assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=3", *args)) == 0
