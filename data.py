@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import atomic
-from corpus import DataError, Progress, list_sources, read_documents, sample_texts, val_share
+from infra import atomic
+from infra.corpus import DataError, Progress, list_sources, read_documents, sample_texts, val_share
 from tokenizer import Tokenizer, parse_size
 
 META_FORMAT = "llm-tokens"

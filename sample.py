@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-import hf
+from infra import checkpoint
+from infra import hf
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import regex
 
-import atomic
+from infra import atomic
 
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 # The same pattern for pure-ASCII text, where \p{L}, \p{N} and \s reduce to plain classes.
@@ -222,7 +222,7 @@ class Tokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges from `texts` (a str or an iterable of
         texts, e.g. corpus.sample_texts(...)) by plain BPE, reading at most max_bytes of them, in at
         most memory_budget bytes (default 2 GiB): tokenizer_train.py says how."""
-        from tokenizer_train import DEFAULT_MEMORY_BUDGET, train_merges
+        from infra.tokenizer_train import DEFAULT_MEMORY_BUDGET, train_merges
         special_tokens = list(special_tokens)
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
@@ -568,7 +568,7 @@ class Tokenizer:
         except OSError as e:
             raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
         if _TIKTOKEN_LINE.match(raw):
-            from tokenizer_formats import read_tiktoken
+            from infra.tokenizer_formats import read_tiktoken
             return read_tiktoken(path)
         if path.suffix == ".model":
             raise TokenizerError(f"{path} is a SentencePiece model, which is not supported: use the model's tokenizer.json "
@@ -578,7 +578,7 @@ class Tokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path}: not valid JSON, the file is corrupt or truncated ({e})") from None
         if isinstance(obj, dict) and "model" in obj and "format" not in obj:
-            from tokenizer_formats import read_tokenizer_json
+            from infra.tokenizer_formats import read_tokenizer_json
             return read_tokenizer_json(path, obj)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise TokenizerError(f'{path}: not a {FORMAT} tokenizer file (no "format": "{FORMAT}" field) nor a '
@@ -715,7 +715,7 @@ def main(argv=None) -> None:
                         "the sample read would need all of it")
     p.add_argument("--text-field", default="text", help="the field of .jsonl records / column of .parquet files")
     args = p.parse_args(argv)
-    from corpus import list_sources, sample_texts  # the corpus reader: files, folders and formats
+    from infra.corpus import list_sources, sample_texts  # the corpus reader: files, folders and formats
     try:
         start = time.perf_counter()
         sources = list_sources(args.input)

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import atomic
-import checkpoint
-import hf
-import memory
+from infra import atomic
+from infra import checkpoint
+from infra import hf
+from infra import memory
 from config import (BatchPlan, ConfigError, TrainConfig, flat, load_config, load_file, parse_overrides,
                     plan_batch, resume_config, with_values)
 from data import TOKENIZER_FILE, DataError, TokenData, bits_per_byte, check_prepared, prepare, token_byte_lengths
 from model import Transformer
-from runtime import RankError, Runtime, check_shared_files, compute_dtype, peak_bf16_flops, setup_runtime
+from infra.runtime import RankError, Runtime, check_shared_files, compute_dtype, peak_bf16_flops, setup_runtime
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- setup

@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the generated corpus")
     parser.add_argument("--baseline", help="a checkout of another version, run side by side (e.g. a git worktree)")
     args = parser.parse_args()
-    from corpus import list_sources, read_documents
+    from infra.corpus import list_sources, read_documents
     from tokenizer import Tokenizer
 
     work = Path(args.dir)

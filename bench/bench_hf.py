@@ -89,7 +89,7 @@ def write_random_tinyllama(folder: Path, shard_bytes=2 * 10**9):
     """TinyLlama's shape with random bf16 weights, as sharded safetensors + index, one tensor at a time."""
     import json
     from safetensors.torch import save_file
-    import hf
+    from infra import hf
     from model import Transformer
     if (folder / "model.safetensors.index.json").is_file():
         return
@@ -115,7 +115,7 @@ def write_random_tinyllama(folder: Path, shard_bytes=2 * 10**9):
 
 def import_child(mode: str, folder: str):
     import torch.distributed as dist
-    import hf
+    from infra import hf
     import train
     from config import load_config
     base = current_rss()

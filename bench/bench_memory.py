@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import memory  # noqa: E402
+from infra import memory  # noqa: E402
 from config import load_config  # noqa: E402
 
 GiB = 2**30

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from config import small_model  # noqa: E402
 from model import Transformer  # noqa: E402
-from runtime import native_bf16_cpu  # noqa: E402
+from infra.runtime import native_bf16_cpu  # noqa: E402
 
 
 def main():

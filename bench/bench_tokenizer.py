@@ -26,7 +26,7 @@ import numpy as np
 import regex
 
 from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer
-from tokenizer_train import DEFAULT_MEMORY_BUDGET
+from infra.tokenizer_train import DEFAULT_MEMORY_BUDGET
 
 # The generated corpora: (source files, Markov chain order, mean copied run in characters) per
 # language. The chains learn from the first 90% of each file; the last 10% is the held-out text.

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from config import apply_overrides, load_config  # noqa: E402
-from memory import estimate_memory  # noqa: E402
+from infra.memory import estimate_memory  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate  # noqa: E402
 

@@ -370,7 +370,7 @@ def start_from(config: TrainConfig, file_values: dict, cli_values: dict) -> Trai
     The tokenizer comes from init_from unless `tokenizer` names one. (A resumed run takes its config,
     this model included, from its own checkpoint: it never needs init_from again.)
     """
-    import hf
+    from infra import hf
     source = config.init_from
     try:
         pretrained = hf.pretrained_config(source)

@@ -9,8 +9,8 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import corpus
-from corpus import (DataError, LINE_START, WORD_CUT, cut_text, list_sources, read_block, read_documents,
+from infra import corpus
+from infra.corpus import (DataError, LINE_START, WORD_CUT, cut_text, list_sources, read_block, read_documents,
                     sample_texts, val_share)
 from tokenizer import GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, SAFE_CUT
 

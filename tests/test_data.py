@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
+from infra import corpus
 import data
-from corpus import iter_texts
+from infra.corpus import iter_texts
 from data import (DataError, TokenData, bits_per_byte, check_prepared, merge_parts, prepare, read_meta,
                   token_byte_lengths)
 from tokenizer import EOT, Tokenizer
@@ -131,7 +131,7 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
 def run_script(tmp_path, setup: str, argv: list[str], timeout=120) -> subprocess.CompletedProcess:
     """Run data.main(argv) in a fresh process after `setup` (small constants, injected faults)."""
     script = tmp_path / "run.py"
-    script.write_text(f"import os, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport corpus, data, tokenizer\n"
+    script.write_text(f"import os, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport data, tokenizer\nfrom infra import corpus\n"
                       f"data.CHECKPOINT_SECONDS = 0\ncorpus.MIN_BLOCK = corpus.MAX_BLOCK = 2048\n{setup}\n"
                       f"data.main({argv!r})\n")
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)

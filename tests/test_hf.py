@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import hf
+from infra import checkpoint
+from infra import hf
 import sample
 import train
 from model import ModelConfig, Transformer

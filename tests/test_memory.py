@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import memory
+from infra import memory
 import train
 from config import ConfigError, load_config
 from model import Transformer
@@ -26,7 +26,8 @@ SMALL = ["--model.vocab_size=384", "--model.dim=64", "--model.n_layers=2", "--mo
 REAL_RUN = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import memory, train
+import train
+from infra import memory
 from config import from_dict
 dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()

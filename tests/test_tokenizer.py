@@ -14,7 +14,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenizer_train
+from infra import tokenizer_train
 from tests.reference_bpe import train_merges
 from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main, parse_size
 

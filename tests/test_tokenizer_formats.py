@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import corpus
+from infra import corpus
 import data
-import tokenizer_formats
+from infra import tokenizer_formats
 from tokenizer import EOT, GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, Tokenizer, TokenizerError
 from tests.test_tokenizer import CORPUS
 

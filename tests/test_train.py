@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import atomic
-import checkpoint
+from infra import atomic
+from infra import checkpoint
 import train
 from run_train import stop_at
 from config import TrainConfig, load_config, plan_batch

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import regex
 
-import atomic
+from infra import atomic
 from tokenizer import EOT, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, METASPACE_SPLIT, Tokenizer, TokenizerError
 
 # Byte-level files write each token's bytes as printable characters (GPT-2's map,

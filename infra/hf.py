@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-import atomic
-import checkpoint
+from infra import atomic
+from infra import checkpoint
 from model import ModelConfig, Transformer
-from tokenizer_formats import write_tokenizer
+from infra.tokenizer_formats import write_tokenizer
 
 CONFIG_FILE = "config.json"
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> architecture

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import atomic
+from infra import atomic
 
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1

@@ -25,7 +25,7 @@ import torch
 
 from config import ConfigError, TrainConfig, from_dict, plan_batch
 from model import LOSS_CHUNK_ELEMENTS, Transformer
-from runtime import Runtime, compute_dtype
+from infra.runtime import Runtime, compute_dtype
 
 GiB = 2**30
 CUDA_RESERVE = 2 * GiB  # the CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced
@@ -273,7 +273,8 @@ def trace_in_subprocess(cfg: TrainConfig, world_size: int, time_limit: float) ->
     """trace_memory in a process of its own (a run's process already has its process group), without
     access to the GPUs; subprocess.TimeoutExpired after `time_limit` seconds, RuntimeError if it fails."""
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), str(world_size)], env=env | {"CUDA_VISIBLE_DEVICES": ""},
+    result = subprocess.run([sys.executable, "-m", "infra.memory", str(world_size)], env=env | {"CUDA_VISIBLE_DEVICES": ""},
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             input=json.dumps(dataclasses.asdict(cfg)), capture_output=True, text=True, timeout=time_limit)
     if result.returncode != 0:
         raise RuntimeError((result.stderr.strip().splitlines() or ["no output"])[-1])
@@ -357,5 +358,5 @@ def dry_run(cfg: TrainConfig, world_size: int, trace: bool = False):
           f"{(need + CUDA_RESERVE) / GiB:.1f} GiB ({'traced' if trace else 'formula'})")
 
 
-if __name__ == "__main__":  # trace_in_subprocess: python memory.py WORLD_SIZE < config.json
+if __name__ == "__main__":  # trace_in_subprocess: python -m infra.memory WORLD_SIZE < config.json
     print(json.dumps(trace_memory(from_dict(json.load(sys.stdin)), int(sys.argv[1]))))
