@@ -1,10 +1,9 @@
 """A Llama-style decoder-only Transformer in one file.
 
-Pre-norm blocks (RMSNorm or LayerNorm), rotary position embeddings, grouped-query
-attention through F.scaled_dot_product_attention, a SwiGLU feed-forward, no biases in
-any linear layer, and a pre-allocated KV cache for incremental decoding.
-Module and parameter names follow Meta's Llama code, so state_dict keys read
-`layers.3.attention.wq.weight`, `layers.3.feed_forward.w1.weight`, `norm.weight`, ...
+Pre-norm blocks (RMSNorm or LayerNorm), rotary position embeddings, grouped-query attention
+through F.scaled_dot_product_attention, a SwiGLU feed-forward, no biases, and a pre-allocated KV
+cache for incremental decoding. Names follow Meta's Llama code: `layers.3.attention.wq.weight`,
+`layers.3.feed_forward.w1.weight`, `norm.weight`, ...
 """
 
 import math
@@ -16,9 +15,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this contribute nothing to the loss
-# The training loss visits the (tokens x vocab) logits in chunks of at most this many values
-# (256 MB in fp32), see chunked_cross_entropy; smaller outputs are computed in one piece.
+# The training loss computes at most this many logits at once (256 MB in fp32); see below.
 LOSS_CHUNK_ELEMENTS = 1 << 26
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -34,8 +37,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # or "layernorm"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Llama 3.1's RoPE scaling (rope_type "llama3" in Hugging Face configs), see rope_frequencies;
-    # a factor of 1 leaves every frequency as it is.
+    # Llama 3.1's RoPE scaling (Hugging Face rope_type "llama3"): see rope_frequencies; 1 = off.
     rope_scale_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -45,32 +47,28 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
-            raise ValueError(f"n_kv_heads must be positive, got {self.n_kv_heads}")
-        if self.ffn_hidden is not None and self.ffn_hidden <= 0:
-            raise ValueError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
-        if self.norm not in ("rmsnorm", "layernorm"):
-            raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        if not self.rope_scale_factor >= 1.0:
-            raise ValueError(f"rope_scale_factor must be >= 1 (1 = no scaling), got {self.rope_scale_factor}")
-        if not (0 < self.rope_low_freq_factor < self.rope_high_freq_factor < math.inf
-                and self.rope_original_max_seq_len > 0):
-            raise ValueError(f"RoPE scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor and "
-                             f"rope_original_max_seq_len > 0, got {self.rope_low_freq_factor}, "
-                             f"{self.rope_high_freq_factor}, {self.rope_original_max_seq_len}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_kv_heads", "ffn_hidden"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, f"{name} must be positive, got {v}")
+        dim, heads, kv, norm = self.dim, self.n_heads, self.kv_heads, self.norm
+        _require(dim % heads == 0, f"dim {dim} is not divisible by n_heads {heads}")
+        _require(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
+        _require(heads % kv == 0, f"n_heads {heads} is not divisible by n_kv_heads {kv}")
+        norms = ("rmsnorm", "layernorm")
+        _require(norm in norms, f"norm must be 'rmsnorm' or 'layernorm', got {norm!r}")
+        factor, low = self.rope_scale_factor, self.rope_low_freq_factor
+        high, original = self.rope_high_freq_factor, self.rope_original_max_seq_len
+        _require(factor >= 1.0, f"rope_scale_factor must be >= 1 (1 = no scaling), got {factor}")
+        _require(
+            0 < low < high < math.inf and original > 0,
+            "RoPE scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor and "
+            f"rope_original_max_seq_len > 0, got {low}, {high}, {original}",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("norm_eps", "rope_theta"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")
 
     # Derived sizes are properties rather than fields resolved in __post_init__, so that
     # dataclasses.replace(config, dim=...) recomputes them instead of keeping stale values.
@@ -87,22 +85,21 @@ class ModelConfig:
         """(factor, low_freq_factor, high_freq_factor, original_max_seq_len), or None when off."""
         if self.rope_scale_factor == 1.0:
             return None
-        return (self.rope_scale_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
-                self.rope_original_max_seq_len)
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        return (self.rope_scale_factor, low, high, self.rope_original_max_seq_len)
 
     @property
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        # SwiGLU has three matrices instead of two, so Llama shrinks 4*dim by 2/3 to keep the
-        # parameter count of a GELU MLP, then rounds up for matmul-friendly shapes (11008 at dim 4096).
+        # SwiGLU has three matrices instead of two, so Llama shrinks 4*dim by 2/3 to keep a GELU
+        # MLP's parameter count, then rounds up to multiple_of (11008 at dim 4096).
         hidden = int(2 * 4 * self.dim / 3)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
 def _fp32(x):
-    # Upcast half precision for numerically sensitive steps but leave float64 alone,
-    # so that gradcheck in float64 stays exact.
+    # Upcast half precision for numerically sensitive steps; float64 stays (gradcheck is exact).
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -129,23 +126,23 @@ def make_norm(config: ModelConfig) -> nn.Module:
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None, device=None):
     """The rotation speeds theta^(-2i/head_dim), i < head_dim/2, in radians per position (float64).
 
-    scaling = (factor, low_freq_factor, high_freq_factor, original_context) is Llama 3.1's way of
-    stretching a model trained on original_context tokens to factor times more: frequencies whose
-    wavelength 2 pi / f is longer than original_context / low_freq_factor are divided by factor,
-    those shorter than original_context / high_freq_factor are kept, and in between the two are
-    blended linearly in original_context / wavelength (transformers' rope_type "llama3").
+    scaling = (factor, low_freq_factor, high_freq_factor, original_context): Llama 3.1's stretch of
+    a model trained on original_context tokens to factor times more. Wavelengths 2 pi / f longer
+    than original_context / low_freq_factor are divided by factor, those shorter than
+    original_context / high_freq_factor kept, and those between blended linearly (rope_type llama3).
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device).double() / head_dim)
     if scaling is None:
         return inv_freq
     factor, low_freq_factor, high_freq_factor, original_context = scaling
     wavelength = 2 * math.pi / inv_freq
-    blend = ((original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blend = blend.clamp(0, 1)
     return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None, scaling: tuple | None = None):
-    """cos and sin of the rotation angles pos * rope_frequencies(...), shape (seq_len, head_dim/2)."""
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None, scaling=None):
+    """cos and sin of the angles pos * rope_frequencies(...), shape (seq_len, head_dim/2)."""
     # Angles are formed in float64: in float32 an angle near 4000 rad is only good to ~5e-4.
     inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
@@ -153,13 +150,9 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None, scaling:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, head_dim) by position, pairing dimension i with i + head_dim/2.
-
-    This half-split ("rotate_half") layout is GPT-NeoX's and Hugging Face Llama's, so wq and
-    wk copy straight to and from a Hugging Face checkpoint. Meta's original code rotates
-    interleaved pairs (2i, 2i+1) instead; Hugging Face's conversion script permutes the rows
-    of wq/wk to move between the two, and the attention scores come out identical.
-    """
+    """Rotate x (B, T, H, head_dim) by position, pairing dimension i with i + head_dim/2: the
+    "rotate_half" layout of GPT-NeoX and Hugging Face Llama, so wq and wk copy straight to and from
+    a Hugging Face checkpoint (Meta's original code rotates interleaved pairs (2i, 2i+1))."""
     x1, x2 = _fp32(x).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
@@ -167,51 +160,44 @@ def apply_rope(x, cos, sin):
 
 def _loss_sum(h, weight, targets):
     # Softmax over a large vocabulary loses accuracy in bf16, so the logits are upcast first.
-    return F.cross_entropy(_fp32(F.linear(h, weight)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = _fp32(F.linear(h, weight))
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_ELEMENTS):
-    """Mean cross-entropy of the logits h @ weight.T (h: (B, T, dim)) against targets (B, T).
-
-    Computed in one piece this holds (tokens x vocab) fp32 logits, their log-softmax and their
-    gradient: 12.6 GB for Llama 3's 128,256-token vocabulary at 2 x 4096 tokens. Instead the tokens
-    are split into chunks of at most chunk_elements logits, and each chunk's summed loss runs under
-    activation checkpointing: its logits are freed as soon as its loss is known and recomputed, one
-    chunk at a time, in backward. Each chunk's math is the unchunked one (the same matmul, dtype and
-    autocast), so only the order in which the per-token losses are added differs.
-    """
+    """Mean cross-entropy of the logits h @ weight.T (h: (B, T, dim)) against targets (B, T), in
+    chunks of at most chunk_elements logits, each under activation checkpointing: all fp32 logits,
+    log-softmax and gradient at once would take 12.6 GB (Llama 3's vocabulary, 2 x 4096 tokens)."""
     h, targets = h.flatten(0, 1), targets.flatten()
     count = (targets != IGNORE_INDEX).sum()
     chunk = max(1, chunk_elements // weight.size(0))
     if h.size(0) <= chunk:  # small enough: no recomputation
         return _loss_sum(h, weight, targets) / count
-    total = sum(checkpoint(_loss_sum, h_part, weight, t_part, use_reentrant=False)
-                for h_part, t_part in zip(h.split(chunk), targets.split(chunk)))
+    parts = zip(h.split(chunk), targets.split(chunk))
+    total = sum(checkpoint(_loss_sum, hs, weight, ts, use_reentrant=False) for hs, ts in parts)
     return total / count
 
 
 def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
-    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None, through
-    F.scaled_dot_product_attention (fused kernels; each kv head serves its group of query heads without a copy).
-
-    Under CPU autocast it runs in fp32, unlike the projections around it: PyTorch's CPU attention kernels
-    are slower in bf16 than in fp32 (2.3x for the fused kernel's forward + backward on an AVX512-BF16 CPU,
-    `python bench/bench_model.py`), while its bf16 matmuls are about twice as fast.
-    """
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None
+    (each kv head serves its group of query heads). Under CPU autocast it runs in fp32: PyTorch's
+    CPU attention is slower in bf16, unlike the matmuls around it (bench/bench_model.py)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return attention(q.float(), k.float(), v.float(), mask, dropout_p, enable_gqa).type_as(q)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
-                                          enable_gqa=enable_gqa)
+            out = attention(q.float(), k.float(), v.float(), mask, dropout_p, enable_gqa)
+        return out.type_as(q)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=enable_gqa
+    )
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys and values (as in gpt-fast), so decoding never reallocates."""
+    """Pre-allocated keys and values (as in gpt-fast), so decoding never reallocates. Scratch
+    space: non-persistent buffers, never part of a checkpoint."""
 
     def __init__(self, batch_size, n_kv_heads, seq_len, head_dim, device, dtype):
         super().__init__()
         shape = (batch_size, n_kv_heads, seq_len, head_dim)
-        # Non-persistent: a cache is scratch space, not part of a checkpoint.
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
@@ -227,7 +213,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.head_dim
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -245,7 +232,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.n_kv_heads != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, mask, dropout, self.n_kv_heads != self.n_heads)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -295,20 +283,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Every .to(), .bfloat16() and to_empty() goes through here. The RoPE tables are rebuilt
-        # in fp32 afterwards: a model cast to bf16 for sampling would otherwise rotate by angles
-        # rounded to 3 significant digits, and to_empty() would leave them uninitialised.
+        # Every .to(), .bfloat16() and to_empty() comes here. The RoPE tables are rebuilt in fp32:
+        # in bf16 angles keep 3 significant digits, and to_empty() would leave them uninitialised.
         super()._apply(fn, recurse)
         self._build_rope(self.rope_cos.device)
         return self
 
     @torch.no_grad()
     def init_weights(self):
-        c = self.config
         self._tie()
         # GPT-2's scheme: each block adds two projections to the residual stream, so shrinking
         # those by 1/sqrt(2 * n_layers) keeps the stream's variance flat with depth.
-        residual_std = 0.02 / math.sqrt(2 * c.n_layers)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = residual_std if name.endswith((".wo", ".w2")) else 0.02
@@ -339,8 +325,9 @@ class Transformer(nn.Module):
         return model
 
     def forward(self, tokens, targets=None, start_pos: int | None = None):
-        """(logits, None) without targets; (None, mean cross-entropy) with them, never holding the
-        logits of the whole batch (see chunked_cross_entropy). start_pos: decode with the KV cache."""
+        """(logits, None) without targets; (None, mean cross-entropy) with them, never holding
+        the whole batch's logits (see chunked_cross_entropy). start_pos: decode with a KV cache."""
+
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         if start_pos is not None:
@@ -349,23 +336,22 @@ class Transformer(nn.Module):
                 raise RuntimeError("forward(start_pos=...) needs setup_kv_cache() first")
             if start_pos < 0 or start_pos + T > cache.k.size(2) or B > cache.k.size(0):
                 raise ValueError(
-                    f"positions {start_pos}..{start_pos + T - 1} x batch {B} do not fit the KV cache "
-                    f"(batch {cache.k.size(0)}, length {cache.k.size(2)})"
+                    f"positions {start_pos}..{start_pos + T - 1} x batch {B} do not fit the KV "
+                    f"cache (batch {cache.k.size(0)}, length {cache.k.size(2)})"
                 )
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         mask = None
         if start_pos is not None:
-            # Query i sits at position start_pos + i and may see every cached key up to there.
-            # is_causal would align the triangle to the top-left, which is wrong once start_pos > 0.
+            # Query i sits at position start_pos + i and may see every cached key up to there
+            # (is_causal would align the triangle to the top-left, wrong once start_pos > 0).
             key_pos = torch.arange(start_pos + T, device=tokens.device)
             mask = key_pos[None, :] <= start_pos + torch.arange(T, device=tokens.device)[:, None]
-
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                # Trade compute for memory: keep only each block's input, recompute the rest in backward.
+                # Keep only each block's input; recompute the rest in backward.
                 h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, mask)
@@ -374,15 +360,18 @@ class Transformer(nn.Module):
             return self.output(h), None
         return None, chunked_cross_entropy(h, self.output.weight, targets, self.loss_chunk_elements)
 
-    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, device=None, dtype=None):
-        seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
-        if not 0 < seq_len <= self.config.max_seq_len:
-            raise ValueError(f"KV cache length must be in 1..{self.config.max_seq_len} (the RoPE table), got {seq_len}")
+    def setup_kv_cache(self, batch_size: int, max_seq_len=None, device=None, dtype=None):
+        c = self.config
+        seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
+        if not 0 < seq_len <= c.max_seq_len:
+            raise ValueError(
+                f"KV cache length must be in 1..{c.max_seq_len} (the RoPE table), got {seq_len}"
+            )
         device = self.output.weight.device if device is None else device
         dtype = self.output.weight.dtype if dtype is None else dtype
-        c = self.config
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, c.kv_heads, seq_len, c.head_dim, device, dtype)
+            cache = KVCache(batch_size, c.kv_heads, seq_len, c.head_dim, device, dtype)
+            layer.attention.kv_cache = cache
 
     def clear_kv_cache(self):
         """Free the caches; forward(start_pos=...) then needs setup_kv_cache() again."""
@@ -390,11 +379,8 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Parameter count (a tied table counted once).
-
-        exclude_embedding drops the input embedding table, which is a lookup and does no
-        matmul work. A tied table is kept, since it is also the output head.
-        """
+        """Parameter count (a tied table counted once). exclude_embedding drops the input table,
+        a lookup that does no matmul work; a tied table is kept, since it is also the head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and not self.config.tie_embeddings:
             n -= self.tok_embeddings.weight.numel()
@@ -402,13 +388,11 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6N + 12*L*H*Q*T.
+        N = num_params(exclude_embedding=True), every matmul weight: 2 FLOPs forward, 4 backward.
+        12*L*H*Q*T: attention's QK^T and AV over L layers, H heads of size Q, a context of T tokens,
+        without the causal-mask saving (as PaLM and MFU count). Norms, RoPE, softmax are ignored."""
 
-        N = num_params(exclude_embedding=True): every weight that takes part in a matmul,
-        the output head included; each costs 2 FLOPs forward and 4 backward per token.
-        12*L*H*Q*T is attention's QK^T and AV over L layers, H query heads of size Q and a
-        context of T tokens, counted without the causal-mask saving (as PaLM and MFU do).
-        Norms, RoPE, softmax and the SwiGLU product are ignored.
-        """
         c = self.config
         T = c.max_seq_len if seq_len is None else seq_len
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layers * c.n_heads * c.head_dim * T
+        attention_flops = 12 * c.n_layers * c.n_heads * c.head_dim * T
+        return 6 * self.num_params(exclude_embedding=True) + attention_flops

@@ -12,6 +12,7 @@ mapped at start (the loader before it), and the share of train tokens an epoch o
    split only through tokens / seq_len): random starts (the loader before) against the epoch order.
 3. Time to compute one step's window starts for config/7b.py (490M windows per epoch).
 """
+
 import argparse
 import json
 import statistics
@@ -32,11 +33,13 @@ from tokenizer import Tokenizer
 
 
 class AllOpenTokenData:
-    """The loader before the LRU (main at 4c702eb), for comparison: every shard memory-mapped at start."""
+    """A loader without the LRU, for comparison: every shard memory-mapped at start."""
 
     def __init__(self, data_dir: str, split: str):
         info = json.loads((Path(data_dir) / "meta.json").read_text())["splits"][split]
-        self.shards = [np.memmap(Path(data_dir) / s["path"], dtype=np.uint16, mode="r") for s in info["shards"]]
+        self.shards = [
+            np.memmap(Path(data_dir) / s["path"], dtype=np.uint16, mode="r") for s in info["shards"]
+        ]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.starts[-1])
 
@@ -45,7 +48,7 @@ class AllOpenTokenData:
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < end:
             offset = start - self.starts[shard]
-            piece = self.shards[shard][offset: offset + end - start]
+            piece = self.shards[shard][offset : offset + end - start]
             parts.append(piece)
             start += len(piece)
             shard += 1
@@ -62,14 +65,19 @@ def write_folder(folder: Path, shards: int, shard_tokens: int):
         rng.integers(0, 32000, size=shard_tokens, dtype=np.uint16).tofile(folder / name)
         entries.append({"path": name, "tokens": shard_tokens})
     split = {"shards": entries, "tokens": shards * shard_tokens}
-    meta = {"format": data.META_FORMAT, "version": data.META_VERSION, "dtype": "uint16",
-            "splits": {"train": split}}
+    meta = {
+        "format": data.META_FORMAT,
+        "version": data.META_VERSION,
+        "dtype": "uint16",
+        "splits": {"train": split},
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
 def time_reads(make_loader, read, num_tokens, batch, seq_len, runs, batches, shard_tokens) -> float:
-    """Median over runs of the mean seconds per batch; each run has a fresh loader, warmed by reading
-    from every shard once (the LRU then holds its steady state), and its own random starts."""
+    """Median over runs of the mean seconds per batch; each run has a fresh loader, warmed by
+    reading from every shard once (the LRU then holds its steady state), and its own random
+    starts."""
     results = []
     for run in range(runs):
         loader = make_loader()
@@ -86,26 +94,57 @@ def time_reads(make_loader, read, num_tokens, batch, seq_len, runs, batches, sha
 
 def bench_reads(args):
     budgets = sorted({8, 64, 512, data.MAX_OPEN_SHARDS, args.shards})
-    shapes = [(32, 128, "default config (32 x 129)"), (128, 4096, "7B, a rank's step of 8 (128 x 4097)")]
+    shapes = [
+        (32, 128, "default config (32 x 129)"),
+        (128, 4096, "7B, a rank's step of 8 (128 x 4097)"),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(Path(tmp), args.shards, args.shard_tokens)
         num_tokens, chosen = args.shards * args.shard_tokens, data.MAX_OPEN_SHARDS
-        print(f"1. batch reads, {args.shards:,} shards of {args.shard_tokens:,} tokens: ms per batch, median of"
-              f" {args.runs} runs of {args.batches} batches; LRU N keeps N shards open")
-        print(f"{'batch':<38}{'all open':>9}" + "".join(f"{'LRU ' + str(b):>10}" for b in budgets)
-              + f"{'LRU ' + str(chosen) + ' / all open':>22}")
+        print(
+            f"1. batch reads, {args.shards:,} shards of {args.shard_tokens:,} tokens: ms per "
+            f"batch, median of {args.runs} runs of {args.batches} batches; LRU N keeps N shards "
+            f"open"
+        )
+        print(
+            f"{'batch':<38}{'all open':>9}"
+            + "".join(f"{'LRU ' + str(b):>10}" for b in budgets)
+            + f"{'LRU ' + str(chosen) + ' / all open':>22}"
+        )
         for batch, seq_len, label in shapes:
-            baseline = time_reads(lambda: AllOpenTokenData(tmp, "train"), lambda d, s, n: d.batch_rows(s, n),
-                                  num_tokens, batch, seq_len, args.runs, args.batches, args.shard_tokens)
+            baseline = time_reads(
+                lambda: AllOpenTokenData(tmp, "train"),
+                lambda d, s, n: d.batch_rows(s, n),
+                num_tokens,
+                batch,
+                seq_len,
+                args.runs,
+                args.batches,
+                args.shard_tokens,
+            )
             lru = {}
             for budget in budgets:
                 data.MAX_OPEN_SHARDS = budget
-                lru[budget] = time_reads(lambda: TokenData(tmp, "train"), lambda d, s, n: d.batch(s, n, "cpu"),
-                                         num_tokens, batch, seq_len, args.runs, args.batches, args.shard_tokens)
+                lru[budget] = time_reads(
+                    lambda: TokenData(tmp, "train"),
+                    lambda d, s, n: d.batch(s, n, "cpu"),
+                    num_tokens,
+                    batch,
+                    seq_len,
+                    args.runs,
+                    args.batches,
+                    args.shard_tokens,
+                )
             data.MAX_OPEN_SHARDS = chosen
-            print(f"{label:<38}{baseline * 1e3:>9.2f}" + "".join(f"{lru[b] * 1e3:>10.2f}" for b in budgets)
-                  + f"{lru[chosen] / baseline:>21.2f}x")
-        for name, make in [("all open", lambda: AllOpenTokenData(tmp, "train")), ("lazy", lambda: TokenData(tmp, "train"))]:
+            print(
+                f"{label:<38}{baseline * 1e3:>9.2f}"
+                + "".join(f"{lru[b] * 1e3:>10.2f}" for b in budgets)
+                + f"{lru[chosen] / baseline:>21.2f}x"
+            )
+        for name, make in [
+            ("all open", lambda: AllOpenTokenData(tmp, "train")),
+            ("lazy", lambda: TokenData(tmp, "train")),
+        ]:
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
@@ -123,12 +162,17 @@ def seen_share(starts: np.ndarray, seq_len: int, num_tokens: int) -> float:
 
 def random_starts(num_tokens, seq_len, seed, steps, count) -> np.ndarray:
     """The loader before: starts drawn with replacement from a generator seeded by (seed, step)."""
-    return np.concatenate([np.random.default_rng([seed, step]).integers(0, num_tokens - seq_len, size=count)
-                           for step in range(steps)])
+    return np.concatenate(
+        [
+            np.random.default_rng([seed, step]).integers(0, num_tokens - seq_len, size=count)
+            for step in range(steps)
+        ]
+    )
 
 
 def default_train_tokens(cfg: TrainConfig) -> int:
-    """Train tokens of the default run: its tokenizer trained on, and encoding, the head of the corpus."""
+    """Train tokens of the default run: its tokenizer trained on, and encoding, the head of the
+    corpus."""
     text = Path(ROOT / cfg.inputs[0]).read_text()
     train = text[: int(len(text) * (1 - cfg.val_fraction))]
     return len(Tokenizer.train(train, cfg.model.vocab_size).encode_ordinary(train)) + 1
@@ -136,16 +180,30 @@ def default_train_tokens(cfg: TrainConfig) -> int:
 
 def bench_coverage():
     default, big = TrainConfig(), load_config(str(ROOT / "config" / "7b.py"))
-    shapes = [("default config", default_train_tokens(default), default), ("config/7b.py, 1/100", 20 * 10**9, big)]
+    shapes = [
+        ("default config", default_train_tokens(default), default),
+        ("config/7b.py, 1/100", 20 * 10**9, big),
+    ]
     print("\n2. share of train tokens read after one epoch of steps (simulated)")
-    print(f"{'shapes':<22}{'train tokens':>16}{'seq_len':>9}{'batch':>7}{'steps':>8}{'random starts':>15}{'epochs':>9}")
+    print(
+        f"{'shapes':<22}{'train tokens':>16}{'seq_len':>9}{'batch':>7}{'steps':>8}"
+        f"{'random starts':>15}{'epochs':>9}"
+    )
     for label, num_tokens, cfg in shapes:
         seq_len = cfg.model.max_seq_len
         count = cfg.global_batch_tokens // seq_len
         steps = num_tokens // cfg.global_batch_tokens
-        before = seen_share(random_starts(num_tokens, seq_len, cfg.seed, steps, count), seq_len, num_tokens)
-        after = seen_share(train_window_starts(num_tokens, seq_len, cfg.seed, 0, steps * count), seq_len, num_tokens)
-        print(f"{label:<22}{num_tokens:>16,}{seq_len:>9}{count:>7}{steps:>8,}{before:>15.2%}{after:>9.2%}")
+        before = seen_share(
+            random_starts(num_tokens, seq_len, cfg.seed, steps, count), seq_len, num_tokens
+        )
+        after = seen_share(
+            train_window_starts(num_tokens, seq_len, cfg.seed, 0, steps * count),
+            seq_len,
+            num_tokens,
+        )
+        print(
+            f"{label:<22}{num_tokens:>16,}{seq_len:>9}{count:>7}{steps:>8,}{before:>15.2%}{after:>9.2%}"
+        )
 
 
 def bench_order(runs: int):
@@ -158,8 +216,10 @@ def bench_order(runs: int):
         start = time.perf_counter()
         train_window_starts(num_tokens, seq_len, cfg.seed, step * count, count)
         times.append(time.perf_counter() - start)
-    print(f"\n3. one step's window starts, {n:,} windows per epoch, batch {count}: median"
-          f" {statistics.median(times) * 1e3:.2f} ms over {len(times)} steps")
+    print(
+        f"\n3. one step's window starts, {n:,} windows per epoch, batch {count}: median"
+        f" {statistics.median(times) * 1e3:.2f} ms over {len(times)} steps"
+    )
 
 
 def main():

@@ -1,10 +1,12 @@
-"""Decoding speed of sample.generate (KV cache) against recomputing the whole sequence for every token.
+"""Decoding speed of sample.generate (KV cache) against recomputing the whole sequence for every
+token.
 
     python bench/bench_sample.py [--new-tokens 64] [--repeats 3]
 
-The model is the default small model's shape (config.small_model()) with random weights (speed does not depend on the values),
-except max_seq_len=1024, so that a 512-token prompt plus the new tokens fit in the context.
-Both paths decode greedily; times are the median of --repeats runs and include the prompt's forward pass.
+The model is the default small model's shape (config.small_model()) with random weights (speed
+does not depend on the values), except max_seq_len=1024, so that a 512-token prompt plus the new
+tokens fit in the context. Both paths decode greedily; times are the median of --repeats runs and
+include the prompt's forward pass.
 """
 
 import argparse
@@ -45,7 +47,8 @@ def greedy_by_recompute(model, prompt, new_tokens):
 
 @torch.inference_mode()
 def step_latency(model, context, repeats, cached):
-    """Seconds to produce the token after `context` tokens: one cached position, or a full forward."""
+    """Seconds to produce the token after `context` tokens: one cached position, or a full
+    forward."""
     ids = torch.randint(model.config.vocab_size, (1, context + 1))
     if not cached:
         return median_seconds(lambda: model(ids), repeats)
@@ -65,17 +68,30 @@ def main():
     torch.manual_seed(0)
     config = dataclasses.replace(small_model(), max_seq_len=1024)
     model = Transformer(config).eval()
-    print(f"model: the default small model but max_seq_len=1024 (dim {config.dim}, {config.n_layers} layers, "
-          f"{config.n_heads} heads, vocab {config.vocab_size}), {model.num_params() / 1e6:.1f}M params, float32, "
-          f"{torch.get_num_threads()} CPU threads; median of {args.repeats} runs")
+    print(
+        f"model: the default small model but max_seq_len=1024 (dim {config.dim}, "
+        f"{config.n_layers} layers, {config.n_heads} heads, vocab {config.vocab_size}), "
+        f"{model.num_params() / 1e6:.1f}M params, float32, {torch.get_num_threads()} CPU "
+        f"threads; median of {args.repeats} runs"
+    )
 
-    print(f"\n{'prompt':>6}  {'new':>4}  {'KV cache tok/s':>14}  {'recompute tok/s':>15}  {'speed-up':>8}")
+    header = [
+        "prompt".rjust(6),
+        "new".rjust(4),
+        "KV cache tok/s".rjust(14),
+        "recompute tok/s".rjust(15),
+        "speed-up".rjust(8),
+    ]
+    print("\n" + "  ".join(header))
+    n = args.new_tokens
     for prompt_len in (16, 512):
         prompt = torch.randint(config.vocab_size, (prompt_len,)).tolist()
-        cached = median_seconds(lambda: generate(model, prompt, args.new_tokens, temperature=0), args.repeats)
-        full = median_seconds(lambda: greedy_by_recompute(model, prompt, args.new_tokens), args.repeats)
-        n = args.new_tokens
-        print(f"{prompt_len:>6}  {n:>4}  {n / cached:>14.1f}  {n / full:>15.1f}  {full / cached:>7.1f}x")
+        cached = median_seconds(lambda: generate(model, prompt, n, temperature=0), args.repeats)
+        full = median_seconds(lambda: greedy_by_recompute(model, prompt, n), args.repeats)
+        print(
+            f"{prompt_len:>6}  {n:>4}  {n / cached:>14.1f}  {n / full:>15.1f}  "
+            f"{full / cached:>7.1f}x"
+        )
 
     print(f"\n{'context':>7}  {'KV cache ms/token':>17}  {'recompute ms/token':>18}")
     for context in (16, 128, 256, 512, 768, 1000):

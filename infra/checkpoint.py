@@ -11,7 +11,9 @@ oldest beyond `keep` deleted: a crash at any moment leaves every earlier checkpo
 resume takes the newest complete one. Every file is loaded with `torch.load(...,
 weights_only=True)`: nothing is unpickled.
 """
+
 import fcntl
+import json
 import re
 import shutil
 import warnings
@@ -21,15 +23,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from infra import atomic
+from infra import files
+from infra.files import first_line
+from tokenizer import UserError
 
 TRAIN_STATE_FILE = "train_state.pt"
+BEST_FILE = "best.json"  # which checkpoint holds the run's best val: `--ckpt RUN/best` reads it
 FORMAT_VERSION = 1
 _NAME = re.compile(r"ckpt-(\d+)(\.pt)?")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt or does not fit the run; the message says what to do."""
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt or does not fit the run; its message says what to
+    do."""
 
 
 def path_for(out_dir, step: int, sharded: bool) -> Path:
@@ -41,7 +47,8 @@ def step_of(path: Path) -> int:
 
 
 def list_checkpoints(out_dir, sharded: bool) -> list[Path]:
-    """The complete checkpoints of one kind in out_dir (files, or DCP folders when sharded), oldest first."""
+    """The complete checkpoints of one kind in out_dir (files, or DCP folders when sharded),
+    oldest first."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
@@ -50,10 +57,34 @@ def list_checkpoints(out_dir, sharded: bool) -> list[Path]:
         match = _NAME.fullmatch(path.name)
         if not match or bool(match.group(2)) == sharded:
             continue
-        complete = ((path / ".metadata").is_file() and (path / TRAIN_STATE_FILE).is_file()) if sharded else path.is_file()
+        complete = (
+            ((path / ".metadata").is_file() and (path / TRAIN_STATE_FILE).is_file())
+            if sharded
+            else path.is_file()
+        )
         if complete:
             found.append(path)
     return sorted(found, key=step_of)
+
+
+def older_than(path: Path) -> Path | None:
+    """The newest checkpoint of either kind before `path` in its folder: what to use instead of a
+    damaged one."""
+    folder, step = Path(path).parent, step_of(path)
+    found = [
+        p
+        for p in list_checkpoints(folder, False) + list_checkpoints(folder, True)
+        if step_of(p) < step
+    ]
+    return max(found, key=step_of, default=None)
+
+
+def best(run_dir) -> Path | None:
+    """The checkpoint of the run's best val, which best.json names (train.py writes it)."""
+    pointer = Path(run_dir) / BEST_FILE
+    if not pointer.is_file():
+        return None
+    return Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
 
 
 def latest(out_dir, sharded: bool) -> Path | None:
@@ -70,8 +101,10 @@ def lock(out_dir):
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CheckpointError(f"another run is using {out_dir} (it holds {Path(out_dir) / '.lock'}); "
-                                  "wait for it to finish or choose another --out_dir") from None
+            raise CheckpointError(
+                f"another run is using {out_dir} (it holds {Path(out_dir) / '.lock'}); "
+                "wait for it to finish or choose another --out_dir"
+            ) from None
         yield
 
 
@@ -81,17 +114,26 @@ def delete(path: Path):
 
 
 def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, fsync, rename: a crash mid-write leaves any old file intact."""
+    """torch.save to a temporary file, fsync, rename: a crash mid-write leaves any old file intact.
+    A write that fails (torch reports a full disk as "unexpected pos") is a one-line error."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-        atomic.replace(tmp, path)
+        files.replace(tmp, path)
+    except RuntimeError as error:
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"could not write {path} ({first_line(error)}); {free / 2**30:.1f} GiB "
+            "are free there: if the disk is full, free space and resume (the "
+            "previous checkpoint is kept)"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def remove_partial(out_dir):
-    """Delete what an interrupted save left behind (a SIGKILL skips every cleanup). Only the run that
+    """Delete what an interrupted save left behind (a SIGKILL skips every cleanup). Only the run
+    that
     owns out_dir may call this, or it would delete another run's save in progress."""
     for path in Path(out_dir).glob("ckpt-*.tmp"):  # ckpt-N.tmp/ folders and ckpt-N.pt.tmp files
         delete(path)
@@ -101,14 +143,19 @@ def safe_load(path: Path, mmap: bool = False) -> dict:
     """Load a checkpoint file with weights_only=True, turning any failure into a one-line error.
     mmap=True maps the tensors instead of reading them (to look at the step and config only)."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first or point --ckpt/out_dir at a run folder")
+        raise CheckpointError(
+            f"no checkpoint at {path}; train first or point --ckpt/out_dir at a run folder"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many kinds for a damaged file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({first_line[:200]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a checkpoint ({first_line(error)[:200]})"
+        ) from None
     if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a version-{FORMAT_VERSION} checkpoint of this project")
+        raise CheckpointError(
+            f"{path} is not a version-{FORMAT_VERSION} checkpoint of this project"
+        )
     return obj
 
 
@@ -121,55 +168,86 @@ def read_train_state(path: Path) -> dict:
     return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
 
-def save(out_dir, step: int, model, optimizer, train_state: dict, sharded: bool, keep: int, group=None) -> Path:
+def save(
+    out_dir,
+    step: int,
+    model,
+    optimizer,
+    train_state: dict,
+    sharded: bool,
+    keep: int,
+    group=None,
+    keep_also: Path | None = None,
+) -> Path:
     """Write model, optimizer and train_state (step, config, RNG) as the checkpoint of `step`, then
-    delete the oldest of its kind beyond the newest `keep`. Called on every rank; `group` is the process
-    group to wait on (a gloo group with a long timeout: deleting an old 7B checkpoint takes a while).
+    delete the oldest of its kind beyond the newest `keep`, except `keep_also` (the best one).
+    Called on every rank; `group` is the process
+    group to wait on (a gloo group with a long timeout: deleting an old 7B checkpoint takes a
+    while).
     train_state must hold only tensors and plain Python values.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = path_for(out_dir, step, sharded)
     if not sharded:
         if rank == 0:
-            atomic_save({"version": FORMAT_VERSION, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), **train_state}, final)
+            atomic_save(
+                {
+                    "version": FORMAT_VERSION,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    **train_state,
+                },
+                final,
+            )
     else:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         tmp = final.with_name(final.name + ".tmp")
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # fsyncs its files
+        # DCP's own collectives on the host group: a slow filesystem must not trip NCCL's watchdog
+        dcp.save(
+            {"model": model_state, "optimizer": optimizer_state},
+            checkpoint_id=tmp,
+            process_group=group,
+        )  # fsyncs its files
         dist.barrier(group)
         if rank == 0:
             atomic_save({"version": FORMAT_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
-            atomic.replace(tmp, final)
+            files.replace(tmp, final)
     if rank == 0:
         for old in list_checkpoints(out_dir, sharded)[:-keep]:
-            delete(old)
+            if old != keep_also:
+                delete(old)
     if dist.is_initialized():
         dist.barrier(group)
     return final
 
 
-def load(path: Path, model, optimizer, check=lambda train_state: None) -> dict:
+def load(path: Path, model, optimizer, check=lambda train_state: None, group=None) -> dict:
     """Restore model and optimizer in place from the checkpoint at `path`; return its train_state.
 
     `check(train_state)` runs before any tensor is loaded, to refuse a checkpoint of another run
-    with a clear message instead of a shape mismatch from deep inside torch.
+    with a clear message instead of a shape mismatch from deep inside torch. `group` is the
+    process group DCP waits on (the host group, as in `save`). A file is memory-mapped: every rank
+    of a DDP run reads it, and only the pages it copies are read.
     """
     path = Path(path)
     if path.is_file():
-        state = safe_load(path)
+        state = safe_load(path, mmap=True)
         check(state)
         if "optimizer" not in state:
-            raise CheckpointError(f"{path} holds only model weights (a consolidated or exported checkpoint); "
-                                  "resume from a training checkpoint, or start from it with --init_from")
+            raise CheckpointError(
+                f"{path} holds only model weights (a consolidated or exported checkpoint); "
+                "resume from a training checkpoint, or start from it with --init_from"
+            )
         try:
             model.load_state_dict(state.pop("model"))
             optimizer.load_state_dict(state.pop("optimizer"))
         except (RuntimeError, KeyError, ValueError) as error:
-            raise CheckpointError(f"{path} does not fit this model/optimizer: {str(error).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"{path} does not fit this model/optimizer: {str(error).splitlines()[0]}"
+            ) from None
         return state
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -178,8 +256,10 @@ def load(path: Path, model, optimizer, check=lambda train_state: None) -> dict:
     check(train_state)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
     return train_state
 
 
@@ -195,13 +275,22 @@ def consolidate(out_dir) -> Path:
         raise CheckpointError(f"no complete sharded checkpoint (ckpt-N/ folder) in {out_dir}")
     train_state = safe_load(folder / TRAIN_STATE_FILE)
     reader = FileSystemReader(folder)
-    model_state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-                   for key, meta in reader.read_metadata().state_dict_metadata.items()
-                   if key.startswith("model.")}
+    model_state = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith("model.")
+    }
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": model_state}, storage_reader=reader, no_dist=True)
     path = path_for(out_dir, step_of(folder), sharded=False)
-    atomic_save({"version": FORMAT_VERSION, "model": model_state, "step": train_state["step"],
-                 "config": train_state["config"]}, path)
+    atomic_save(
+        {
+            "version": FORMAT_VERSION,
+            "model": model_state,
+            "step": train_state["step"],
+            "config": train_state["config"],
+        },
+        path,
+    )
     return path

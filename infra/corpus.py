@@ -1,13 +1,17 @@
-"""Reading a corpus: files, folders and formats -> documents in bounded pieces, and the tokenizer's sample.
+"""Reading a corpus: files, folders and formats -> documents in bounded pieces, and the
+tokenizer's sample.
 
 Inputs are files and folders. A folder is walked in sorted order, following symlinked subfolders
-(each real folder once, so link cycles end) and skipping hidden names (.git, .cache). Formats go by
-name: `.jsonl` is one JSON object per line with the text in `text_field`, `.parquet` a string
-column `text_field` (needs pyarrow), anything else UTF-8 text; `.gz` and `.zst` (needs zstandard)
-may wrap any of them. A file whose first 8 KB hold a NUL byte is binary: skipped with a warning in
-a folder, an error when named. Bytes that are not UTF-8 become U+FFFD with a warning, and are an
-error above 1% of a file. Bad records (not an object, no string field, a lone surrogate escape
-such as "\\ud83d") are skipped with a `path:line` warning, and are an error above 1% of a file.
+(each real folder once, so link cycles end) and skipping hidden names (.git, .cache); what is
+neither a file nor a folder (a FIFO, a socket, a broken link) is skipped with a warning. Formats
+go by name, through the registry FORMATS at the end of this file: `.jsonl` is one JSON
+object per line with the text in `text_field`, `.parquet` a string column `text_field` (needs
+pyarrow), anything else UTF-8 text; `.gz` and `.zst` (needs zstandard) may wrap any of them, and a
+file cut off inside its compressed data is an error. A file whose first 8 KB hold a NUL byte is
+binary: skipped with a warning in a folder, an error when named. Bytes that are not UTF-8 become
+U+FFFD with a warning, and are an error above 1% of a file. Bad records (not an object, no string
+field, a lone surrogate escape such as "\\ud83d") are skipped with a `path:line` warning, and are
+an error above 1% of a file.
 
 Units. A record is a document. A text file is cut into blocks on a grid of B bytes (B grows with
 the file from 4 KB to 256 KB): block c runs from cut(c) to cut(c + 1), cut(c) being the first
@@ -24,19 +28,21 @@ punctuation, or a base64 blob) is the cut made at a character boundary, and the 
 piece straddling it may differ. Records longer than MAX_PIECE_CHARS are cut the same way, so the
 pieces sent to the encoder stay bounded; a record itself must fit in memory once (as one line).
 
-Other tokenizers. A tokenizer says where it may be cut (Tokenizer.cut_points), and read_documents
-re-cuts the pieces accordingly (`recut`): tokenizers with GPT-4's or Llama 3's pattern keep the cut
-points above; SentencePiece-style ones allow only line starts, so a document's pieces are joined
-where they meet elsewhere and cut at their last line start once MAX_PIECE_CHARS are held (memory
-then grows with the longest line); a tokenizer that allows no cut gets each document as one piece,
-and memory grows with the largest document (a warning past HUGE_DOCUMENT_CHARS). The blocks and the
-val split never depend on the tokenizer, only how a document is cut into pieces: so the reader and
-the tokenizer's sample agree on every block, and any two tokenizers' val splits hold the same text.
+Other tokenizers. infra/fast_encode.py says where a tokenizer may be cut (cut_points), and
+read_documents re-cuts the pieces accordingly (`recut`): tokenizers with GPT-4's or Llama 3's
+pattern keep the cut points above; SentencePiece-style ones allow only line starts, so a
+document's pieces are joined where they meet elsewhere and cut at their last line start once
+MAX_PIECE_CHARS are held (memory then grows with the longest line); a tokenizer that allows no cut
+gets each document as one piece, and memory grows with the largest document (a warning past
+HUGE_DOCUMENT_CHARS). The blocks and the val split never depend on the tokenizer, only how a
+document is cut into pieces: so the reader and the tokenizer's sample agree on every block, and
+any two tokenizers' val splits hold the same text.
 
 Val split. A share of the units, decided per file, so that a `--part` of the files gets the same
 split as a whole prepare: blocks systematically (every 1/share-th block from a phase hashed from
 the file's key, so val is spread evenly over the file), records by a hash of (key, byte offset).
 """
+
 import gzip
 import hashlib
 import heapq
@@ -46,70 +52,39 @@ import math
 import os
 import re
 import sys
-import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import regex
 
-SNIFF_BYTES = 8192              # a NUL byte in this many leading bytes marks a binary file
+from data import DataError
+from infra.progress import Progress, warn
+
+SNIFF_BYTES = 8192  # a NUL byte in this many leading bytes marks a binary file
 MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 18
-BLOCKS_PER_FILE = 128           # block size = file size / this, within [MIN_BLOCK, MAX_BLOCK]
-MAX_PIECE_CHARS = 1 << 18       # longer records are cut into pieces of at most this many characters
-HUGE_DOCUMENT_CHARS = 1 << 26   # a warning when a tokenizer allows no cut in more than this many characters
-MAX_BAD_SHARE = 0.01            # bad records or non-UTF-8 bytes above this share of a file: an error
-MAX_SAMPLE_STRIDE = 16          # stream-order files give the sample at least one unit in this many
+BLOCKS_PER_FILE = 128  # block size = file size / this, within [MIN_BLOCK, MAX_BLOCK]
+MAX_PIECE_CHARS = 1 << 18  # longer records are cut into pieces of at most this many characters
+HUGE_DOCUMENT_CHARS = 1 << 26  # a warning when a tokenizer allows no cut in more than this
+MAX_BAD_SHARE = 0.01  # bad records or non-UTF-8 bytes above this share of a file: an error
+MAX_SAMPLE_STRIDE = 16  # stream-order files give the sample at least one unit in this many
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+FORMAT_NAMES = "text files, folders, .jsonl, .parquet, .gz or .zst files"
 
 LINE_START = regex.compile(r"(?<=\n)(?=\S)")
 WORD_CUT = regex.compile(r"(?<=\S)(?=[^\S\r\n])|(?<=\p{L})(?=[^\s\p{L}\p{N}])")
-_ESCAPED = re.compile("[\udc80-\udcff]")    # bytes that were not UTF-8, decoded with surrogateescape
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, decoded with surrogateescape
 _SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates from JSON escapes: not encodable text
 
 
-class DataError(ValueError):
-    """Missing, stale or unusable data; the message says what to do."""
+# ---------------------------------------------------------------------- files
 
-
-def warn(message: str):
-    Progress.end_line()
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-class Progress:
-    """Prints done/total MB, MB/s and ETA to stderr, at most once a second."""
-    line_open = False
-
-    def __init__(self, label: str, total_bytes: int, done: int = 0, verbose: bool = True):
-        self.label, self.total, self.first, self.verbose = label, total_bytes, done, verbose
-        self.start = self.last = time.time()
-
-    def update(self, done: int, final=False):
-        now = time.time()
-        if not self.verbose or (not final and now - self.last < 1):
-            return
-        self.last = now
-        rate = (done - self.first) / max(now - self.start, 1e-9)
-        eta = max(self.total - done, 0) / rate if rate and not final else 0
-        print(f"\r{self.label}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB  {rate / 1e6:.2f} MB/s  ETA {eta:4.0f}s",
-              end="\n" if final else "", file=sys.stderr, flush=True)
-        Progress.line_open = not final
-
-    @classmethod
-    def end_line(cls):
-        if cls.line_open:
-            print(file=sys.stderr)
-            cls.line_open = False
-
-
-# ----------------------------------------------------------------------------- files
 
 class Source(NamedTuple):
-    """One input file. `key` (its path inside the input given) seeds its val split; `named`: given
-    by name rather than found in a folder."""
+    """One input file. `key` (its path inside the input given) seeds its val split; `named`:
+    given by name rather than found in a folder."""
+
     path: Path
     key: str
     size: int
@@ -120,19 +95,19 @@ class Source(NamedTuple):
         return COMPRESSION.get(self.path.suffix.lower())
 
     @property
-    def format(self) -> str:
+    def format(self) -> "Format":
         suffixes = [s.lower() for s in self.path.suffixes]
         if suffixes and suffixes[-1] in COMPRESSION:
             suffixes.pop()
-        return FORMATS.get(suffixes[-1] if suffixes else "", "text")
+        return FORMATS.get(suffixes[-1] if suffixes else "", TEXT)
 
     @property
     def seekable(self) -> bool:
-        return self.compression is None and self.format != "parquet"
+        return self.compression is None and self.format.byte_stream
 
 
 def list_sources(paths) -> list[Source]:
-    """Expand files and folders into the files to read, in input order and sorted within folders."""
+    """Expand files and folders into the files to read, in input order and sorted in folders."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     sources, seen = [], set()
@@ -141,8 +116,13 @@ def list_sources(paths) -> list[Source]:
             found = _walk(given)
         elif given.is_file():
             found = [(given, given.name)]
+        elif given.exists():
+            raise DataError(
+                f"input {given} is not a regular file or a folder (a FIFO, a socket or "
+                f"a device); pass {FORMAT_NAMES}"
+            )
         else:
-            raise DataError(f"input {given} does not exist; pass text files, folders, .jsonl, .parquet, .gz or .zst files")
+            raise DataError(f"input {given} does not exist; pass {FORMAT_NAMES}")
         for path, key in found:
             stat = path.stat()
             if (stat.st_dev, stat.st_ino) in seen:  # the same file reached through a link
@@ -150,7 +130,7 @@ def list_sources(paths) -> list[Source]:
             seen.add((stat.st_dev, stat.st_ino))
             source = Source(path, key, stat.st_size, named=path == given)
             if source.named and is_binary(source):
-                raise DataError(f"{path} is a binary file, not text; pass text, .jsonl, .parquet, .gz or .zst files")
+                raise DataError(f"{path} is a binary file, not text; pass {FORMAT_NAMES}")
             sources.append(source)
     if not sources:
         raise DataError(f"no input files found in {', '.join(map(str, paths))}")
@@ -178,8 +158,10 @@ def _walk(root: Path) -> list[tuple[Path, str]]:
                 subfolders.append((Path(entry.path), prefix + entry.name + "/"))
             elif entry.is_file():
                 found.append((Path(entry.path), prefix + entry.name))
-            elif entry.is_symlink():
+            elif not os.path.exists(entry.path):
                 warn(f"{entry.path} is a broken link; skipped")
+            else:
+                warn(f"{entry.path} is not a regular file (a FIFO, a socket or a device); skipped")
         stack.extend(reversed(subfolders))
     found.sort(key=lambda item: item[1].split("/"))
     return found
@@ -189,7 +171,47 @@ def _require(module: str, package: str, what: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise DataError(f"reading {what} files needs the {package} package: pip install {package}") from None
+        raise DataError(
+            f"reading {what} files needs the {package} package: pip install {package}"
+        ) from None
+
+
+class _ZstdStream(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. A file that ends inside a frame
+    (cut off) raises EOFError, as gzip does, instead of ending quietly where the data stops."""
+
+    def __init__(self, raw, zstandard):
+        self.raw, self.new_frame = raw, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.in_frame = self.new_frame(), False
+        self.out, self.at = b"", 0  # decompressed bytes not read yet: out[at:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.out):
+            chunk = self.raw.read(1 << 14)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError(
+                        "Compressed file ended before the end-of-stream marker was reached"
+                    )
+                return 0
+            self.out, self.at = self._decompress(chunk), 0
+        n = min(len(buffer), len(self.out) - self.at)
+        buffer[:n] = self.out[self.at : self.at + n]
+        self.at += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            self.in_frame = True
+            parts.append(self.frame.decompress(chunk))
+            if not self.frame.eof:
+                break
+            chunk, self.frame, self.in_frame = self.frame.unused_data, self.new_frame(), False
+        return b"".join(parts)
 
 
 def _open(source: Source):
@@ -199,7 +221,7 @@ def _open(source: Source):
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")
     if source.compression == "zst":
         zstandard = _require("zstandard", "zstandard", ".zst")
-        return raw, io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return raw, io.BufferedReader(_ZstdStream(raw, zstandard))
     return raw, raw
 
 
@@ -209,7 +231,7 @@ def _read_errors() -> tuple:
 
 
 def is_binary(source: Source) -> bool:
-    if source.format == "parquet":
+    if not source.format.byte_stream:
         return False
     raw, stream = _open(source)
     try:
@@ -229,11 +251,11 @@ def _decode(data: bytes) -> tuple[str, int]:
 
 def _unit_hash(key: bytes, number: int) -> float:
     digest = hashlib.blake2b(key + number.to_bytes(8, "little"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2 ** 64
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def _phase(key: str) -> float:
-    return _unit_hash(key.encode("utf-8"), 2 ** 64 - 1)
+    return _unit_hash(key.encode("utf-8"), 2**64 - 1)
 
 
 def _picked(index: int, share: float, phase: float) -> bool:
@@ -248,7 +270,8 @@ def val_share(sources: list[Source], val_fraction: float, val_max_bytes: int | N
     return val_fraction if not val_max_bytes else min(val_fraction, val_max_bytes / max(total, 1))
 
 
-# ----------------------------------------------------------------------------- cutting text
+# ---------------------------------------------------------------------- cutting text
+
 
 def block_size(source: Source) -> int:
     return min(MAX_BLOCK, max(MIN_BLOCK, source.size // BLOCKS_PER_FILE))
@@ -270,8 +293,14 @@ def _find_cut(data, i: int, end: int) -> int:
     newline = data.find(b"\n", max(i - 1, 0), end - 1)
     while newline >= 0:  # LINE_START, found on the bytes
         after = data[newline + 1]
-        if after < 0x80 and after not in b" \t\n\r\x0b\x0c" or after >= 0x80 and not regex.match(
-                r"\s", bytes(data[newline + 1:newline + 5]).decode("utf-8", "surrogateescape")):
+        if (
+            after < 0x80
+            and after not in b" \t\n\r\x0b\x0c"
+            or after >= 0x80
+            and not regex.match(
+                r"\s", bytes(data[newline + 1 : newline + 5]).decode("utf-8", "surrogateescape")
+            )
+        ):
             return newline + 1
         newline = data.find(b"\n", newline + 1, end - 1)
     back = i - 1
@@ -279,17 +308,19 @@ def _find_cut(data, i: int, end: int) -> int:
         back -= 1
     back = max(back, 0)
     lead = len(bytes(data[back:i]).decode("utf-8", "surrogateescape"))
-    for stop in (min(end, i + 4096), end):  # a match in a short window is the first one in the long one too
+    # a match in a short window is the first one in the long one too
+    for stop in (min(end, i + 4096), end):
         while i < stop < len(data) and 0x80 <= data[stop] < 0xC0:
             stop -= 1
         text = bytes(data[back:stop]).decode("utf-8", "surrogateescape")
         if match := WORD_CUT.search(text, lead):
-            return i + len(text[lead:match.start()].encode("utf-8", "surrogateescape"))
+            return i + len(text[lead : match.start()].encode("utf-8", "surrogateescape"))
     return i
 
 
 def cut_text(text: str, limit: int | None = None) -> Iterator[str]:
-    """text in pieces of limit/2..limit characters (MAX_PIECE_CHARS), cut at safe cut points where there are some."""
+    """text in pieces of limit/2..limit characters (MAX_PIECE_CHARS), cut at safe cut points
+    where there are some."""
     start, limit = 0, limit or MAX_PIECE_CHARS
     while len(text) - start > limit:
         low, high = start + limit // 2, start + limit
@@ -301,19 +332,22 @@ def cut_text(text: str, limit: int | None = None) -> Iterator[str]:
 
 
 def _stream_blocks(stream, block: int, offset: int = 0, index: int = 0):
-    """Yield (index, bytes, is_last) of the blocks of a text stream, from block `index` at `offset`.
-    The buffer holds at most about three blocks, and each byte is copied a bounded number of times."""
+    """Yield (index, bytes, is_last) of the blocks of a text stream, from block `index` at
+    `offset`. The buffer holds at most about three blocks, and each byte is copied a bounded
+    number of times."""
     buffer, start, eof = bytearray(), offset, False  # buffer[0] is at file offset `start`
     while True:
         grid = (index + 1) * block
-        while not eof and len(buffer) < grid + block + 4 - start:  # 4: the character at the window's end
+        # 4: the character at the window's end
+        while not eof and len(buffer) < grid + block + 4 - start:
             chunk = stream.read(max(grid + block + 4 - start - len(buffer), 1 << 16))
             eof = not chunk
             buffer += chunk
         if eof and grid >= start + len(buffer):
             end = len(buffer)
         else:
-            end = min(_find_cut(buffer, grid - start, min(len(buffer), grid + block - start)), len(buffer))
+            window_end = min(len(buffer), grid + block - start)
+            end = min(_find_cut(buffer, grid - start, window_end), len(buffer))
         last = eof and end == len(buffer)
         if end:
             yield index, bytes(buffer[:end]), last
@@ -324,28 +358,35 @@ def _stream_blocks(stream, block: int, offset: int = 0, index: int = 0):
 
 
 def read_block(source: Source, index: int) -> bytes:
-    """Block `index` of a plain text file, found by seeking: the bytes the sequential reader gives."""
+    """Block `index` of a plain text file, found by seeking: the bytes the sequential reader
+    gives."""
     block = block_size(source)
     base = max(0, index * block - 4)
     with open(source.path, "rb") as f:
         f.seek(base)
         data = f.read((index + 2) * block + 4 - base)
-    start = 0 if index == 0 else _find_cut(data, index * block - base, min(len(data), (index + 1) * block - base))
+    window_end = min(len(data), (index + 1) * block - base)
+    start = 0 if index == 0 else _find_cut(data, index * block - base, window_end)
     grid = (index + 1) * block - base
     end = len(data) if grid >= len(data) else _find_cut(data, grid, min(len(data), grid + block))
-    return data[start:min(end, len(data))]
+    return data[start : min(end, len(data))]
 
 
-# ----------------------------------------------------------------------------- documents
+# ---------------------------------------------------------------------- documents
+
 
 class Piece(NamedTuple):
+    """A bounded piece of a document. resume, on the last piece of a unit: (file, offset, unit) to
+    resume reading after it. raw_done: bytes on disk of the inputs read so far (compressed bytes
+    for compressed files)."""
+
     text: str
-    nbytes: int                 # UTF-8 bytes of text
-    split: str                  # "train" or "val"
-    begins: bool                # the first piece of a document
-    ends: bool                  # the last piece of a document
-    resume: tuple | None        # on the last piece of a unit: (file, offset, unit) to resume reading after it
-    raw_done: int               # bytes on disk of the inputs read so far (compressed bytes for compressed files)
+    nbytes: int  # UTF-8 bytes of text
+    split: str  # "train" or "val"
+    begins: bool  # the first piece of a document
+    ends: bool  # the last piece of a document
+    resume: tuple | None
+    raw_done: int
 
 
 class _FileReport:
@@ -370,8 +411,11 @@ class _FileReport:
 
     def _not_utf8(self):
         if not self.quiet:
-            raise DataError(f"{self.source.path} is not UTF-8 text ({self.invalid:,} bytes are not valid UTF-8);"
-                            f" convert it (e.g. iconv -f latin1 -t utf-8) or remove it")
+            raise DataError(
+                f"{self.source.path} is not UTF-8 text ({self.invalid:,} bytes are "
+                f"not valid UTF-8); convert it (e.g. iconv -f latin1 -t utf-8) or "
+                f"remove it"
+            )
 
     def close(self):
         path, bad, records = self.source.path, self.bad, self.records
@@ -381,8 +425,11 @@ class _FileReport:
         if self.invalid > MAX_BAD_SHARE * max(self.decoded, 1):
             self._not_utf8()
         if bad > MAX_BAD_SHARE * records and (bad >= 10 or bad == records) and not self.quiet:
-            raise DataError(f"{path}: {bad:,} of {records:,} records are bad (first: {self.first_bad}); "
-                            f"fix the file, or check the text field name (--text-field)")
+            raise DataError(
+                f"{path}: {bad:,} of {records:,} records are bad (first: "
+                f"{self.first_bad}); fix the file, or check the text field name "
+                f"(--text-field)"
+            )
         if self.quiet:
             return
         if bad:
@@ -407,20 +454,28 @@ def _record_text(line: bytes, field: str, report: _FileReport, where: str) -> st
         return report.bad_record(where, "not a JSON object")
     value = record.get(field)
     if not isinstance(value, str):
-        return report.bad_record(where, f'no text: "{field}" is {json.dumps(value)[:20]}' if field in record
-                                 else f'no "{field}" field')
+        if field in record:
+            return report.bad_record(where, f'no text: "{field}" is {json.dumps(value)[:20]}')
+        return report.bad_record(where, f'no "{field}" field')
     if "\\u" in text and _SURROGATE.search(value):
         return report.bad_record(where, "a lone surrogate escape (e.g. \\ud83d), which is not text")
     return value
 
 
-def read_documents(sources: list[Source], share: float, text_field: str = "text", start=(0, 0, 0),
-                   counts: dict | None = None, quiet: bool = False, cuts="words") -> Iterator[Piece]:
+def read_documents(
+    sources: list[Source],
+    share: float,
+    text_field: str = "text",
+    start=(0, 0, 0),
+    counts: dict | None = None,
+    quiet: bool = False,
+    cuts="words",
+) -> Iterator[Piece]:
     """Pieces of the documents of `sources` in order, each with its split, from `start` (a Piece's
     resume). counts, if given, accumulates binary_files, bad_records and invalid_utf8_bytes.
     quiet: no warnings and no errors for bad records (the tokenizer's sample). cuts: where a
-    document may be cut, a tokenizer's cut_points: "words" (the safe cut points above), a regex,
-    or None (see Other tokenizers)."""
+    document may be cut, fast_encode.cut_points(tokenizer): "words" (the safe cut points above),
+    a regex, or None (see Other tokenizers)."""
     pieces = _read_documents(sources, share, text_field, start, counts, quiet)
     return pieces if cuts == "words" else recut(pieces, cuts)
 
@@ -438,31 +493,44 @@ def _read_documents(sources, share, text_field, start, counts, quiet):
             if not quiet:
                 warn(f"{source.path} is a binary file; skipped")
         else:
-            yield from _read_source(index, source, share, text_field, offset, unit, done, counts, quiet)
+            report = _FileReport(source, counts, quiet)
+            yield from _read_source(
+                Reading(index, source, offset, unit, done), share, text_field, report
+            )
+            report.close()
         done += source.size
 
 
-def _read_source(index, source, share, text_field, offset, unit, done, counts, quiet):
-    report = _FileReport(source, counts, quiet)
-    if source.format == "parquet":
-        yield from _parquet_pieces(index, source, share, text_field, unit, done, report)
-        report.close()
-        return
-    raw, stream = _open(source)
+class Reading(NamedTuple):
+    """A file being read: its index in the input list, where reading starts (an offset in its
+    decompressed bytes and the count of its units before it), the input bytes before the file,
+    and its streams (None for a format that reads the file by path): `raw`, the file on disk, and
+    `stream`, its decompressed bytes from `offset`."""
+
+    index: int
+    source: Source
+    offset: int
+    unit: int
+    done: int
+    raw: io.BufferedReader | None = None
+    stream: io.BufferedIOBase | None = None
+
+
+def _read_source(file: Reading, share, text_field, report):
+    form = file.source.format
     try:
+        if not form.byte_stream:
+            yield from form.pieces(file, share, text_field, report)
+            return
+        raw, stream = _open(file.source)
         with raw:
-            if offset and source.seekable:
-                raw.seek(offset)
+            if file.offset and file.source.seekable:
+                raw.seek(file.offset)
             else:
-                _skip(stream, offset)
-            if source.format == "jsonl":
-                pieces = _jsonl_pieces(index, source, stream, raw, share, text_field, offset, unit, done, report)
-            else:
-                pieces = _text_pieces(index, source, stream, raw, share, offset, unit, done, report)
-            yield from pieces
+                _skip(stream, file.offset)
+            yield from form.pieces(file._replace(raw=raw, stream=stream), share, text_field, report)
     except _read_errors() as error:
-        raise DataError(f"{source.path}: cannot read it ({error})") from None
-    report.close()
+        raise DataError(f"{file.source.path}: cannot read it ({error})") from None
 
 
 def _skip(stream, count: int):
@@ -470,62 +538,91 @@ def _skip(stream, count: int):
         count -= len(chunk)
 
 
-def _text_pieces(index, source, stream, raw, share, offset, first_block, done, report):
-    phase = _phase(source.key)
-    for block, data, last in _stream_blocks(stream, block_size(source), offset, first_block):
+def _text_pieces(file: Reading, share, field, report):
+    """A text file's blocks; consecutive blocks of one split form a document."""
+    source, offset, phase = file.source, file.offset, _phase(file.source.key)
+    for block, data, last in _stream_blocks(file.stream, block_size(source), offset, file.unit):
         offset += len(data)
         text, invalid = _decode(data)
         report.decoded_bytes(len(data), invalid)
         val = _picked(block, share, phase)
-        yield Piece(text, len(data) + 2 * invalid, "val" if val else "train",
-                    block == 0 or _picked(block - 1, share, phase) != val,
-                    last or _picked(block + 1, share, phase) != val,
-                    (index, offset, block + 1), done + (raw.tell() if source.compression else offset))
+        begins = block == 0 or _picked(block - 1, share, phase) != val
+        ends = last or _picked(block + 1, share, phase) != val
+        done = file.done + (file.raw.tell() if source.compression else offset)
+        yield Piece(
+            text,
+            len(data) + 2 * invalid,
+            "val" if val else "train",
+            begins,
+            ends,
+            (file.index, offset, block + 1),
+            done,
+        )
 
 
-def _jsonl_pieces(index, source, stream, raw, share, field, offset, line_number, done, report):
-    key = source.key.encode("utf-8")
-    for line in stream:
+def _jsonl_pieces(file: Reading, share, field, report):
+    """One document per line: a JSON object with the text in `field`."""
+    key, offset, line_number = file.source.key.encode("utf-8"), file.offset, file.unit
+    for line in file.stream:
         line_number += 1
         start, offset = offset, offset + len(line)
-        text = _record_text(line, field, report, f"{source.path}:{line_number}")
+        text = _record_text(line, field, report, f"{file.source.path}:{line_number}")
         if text:
             split = "val" if _unit_hash(key, start) < share else "train"
-            yield from _document(text, split, (index, offset, line_number), done + raw.tell())
+            resume = (file.index, offset, line_number)
+            yield from _document(text, split, resume, file.done + file.raw.tell())
 
 
-def _parquet_pieces(index, source, share, field, first_row, done, report):
+def _parquet_pieces(file: Reading, share, field, report):
+    """One document per row: the string column `field`."""
+    source = file.source
     parquet = _require("pyarrow.parquet", "pyarrow", ".parquet")
     try:
-        file = parquet.ParquetFile(source.path)
+        table = parquet.ParquetFile(source.path)
     except Exception as error:  # pyarrow raises its own types for a file that is not parquet
         raise DataError(f"{source.path}: not a readable parquet file ({error})") from None
-    if field not in file.schema_arrow.names:
-        raise DataError(f"{source.path} has no column {field!r} (it has {', '.join(file.schema_arrow.names)}); "
-                        f"choose one with --text-field")
-    key, rows, row = source.key.encode("utf-8"), max(file.metadata.num_rows, 1), 0
-    for batch in file.iter_batches(batch_size=1024, columns=[field]):
+    names = table.schema_arrow.names
+    if field not in names:
+        raise DataError(
+            f"{source.path} has no column {field!r} (it has {', '.join(names)}); "
+            f"choose one with --text-field"
+        )
+    key, rows, row = source.key.encode("utf-8"), max(table.metadata.num_rows, 1), 0
+    for batch in table.iter_batches(batch_size=1024, columns=[field]):
         for value in batch.column(0).to_pylist():
             row += 1
-            if row <= first_row:
+            if row <= file.unit:
                 continue
             report.records += 1
+            where = f"{source.path}: row {row}"
             if not isinstance(value, str):
-                report.bad_record(f"{source.path}: row {row}", f"{field} is {json.dumps(value)[:20]}")
-                continue
-            if _SURROGATE.search(value):
-                report.bad_record(f"{source.path}: row {row}", "a lone surrogate, which is not text")
-                continue
-            if value:
+                report.bad_record(where, f"{field} is {json.dumps(value)[:20]}")
+            elif _SURROGATE.search(value):
+                report.bad_record(where, "a lone surrogate, which is not text")
+            elif value:
                 split = "val" if _unit_hash(key, row) < share else "train"
-                yield from _document(value, split, (index, 0, row), done + source.size * row // rows)
+                done = file.done + source.size * row // rows
+                yield from _document(value, split, (file.index, 0, row), done)
+
+
+def _parquet_text_size(source: Source) -> int:
+    meta = _require("pyarrow.parquet", "pyarrow", ".parquet").ParquetFile(source.path).metadata
+    return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
 
 
 def _document(text, split, resume, raw_done):
     pieces = list(cut_text(text)) if len(text) > MAX_PIECE_CHARS else [text]
     for k, piece in enumerate(pieces):
         last = k == len(pieces) - 1
-        yield Piece(piece, len(piece.encode("utf-8")), split, k == 0, last, resume if last else None, raw_done)
+        yield Piece(
+            piece,
+            len(piece.encode("utf-8")),
+            split,
+            k == 0,
+            last,
+            resume if last else None,
+            raw_done,
+        )
 
 
 def recut(pieces: Iterator[Piece], cut, limit: int | None = None) -> Iterator[Piece]:
@@ -536,7 +633,8 @@ def recut(pieces: Iterator[Piece], cut, limit: int | None = None) -> Iterator[Pi
     is cut at its last cut point. A piece given out ends at a cut point or where its document
     ends, and keeps `resume` only if it ends where a piece read ends: reading resumes only there."""
     limit, warned = limit or MAX_PIECE_CHARS, False
-    held, size, searched = [], 0, 0  # pieces of the document not given out yet; held[:searched] hold no cut point
+    # the pieces of the document not given out yet; held[:searched] hold no cut point
+    held, size, searched = [], 0, 0
     for piece in pieces:
         if held and cut and cut.match(held[-1].text[-1:] + piece.text[:1], 1):
             yield _joined(held)
@@ -551,9 +649,12 @@ def recut(pieces: Iterator[Piece], cut, limit: int | None = None) -> Iterator[Pi
         size += len(piece.text)
         if size > HUGE_DOCUMENT_CHARS and not warned:
             warned = True
-            warn(f"the tokenizer allows no cut in more than {HUGE_DOCUMENT_CHARS / 1e6:.0f}M characters of a document"
-                 f" ({'a line that long' if cut else 'it never cuts a document'}); they are held in memory and"
-                 f" encoded as one text")
+            why = "a line that long" if cut else "it never cuts a document"
+            warn(
+                f"the tokenizer allows no cut in more than {HUGE_DOCUMENT_CHARS / 1e6:.0f}M "
+                f"characters of a document ({why}); they are held in memory and encoded as one "
+                f"text"
+            )
         if piece.ends:
             yield _joined(held)
             held, size, searched = [], 0, 0
@@ -571,8 +672,10 @@ def _cut_last(held: list[Piece], cut, searched: int) -> tuple[Piece | None, list
             at = last.start()
             head_bytes = len(text[:at].encode("utf-8"))
             head = held[k]._replace(text=text[:at], nbytes=head_bytes, ends=False, resume=None)
-            tail = held[k]._replace(text=text[at:], nbytes=held[k].nbytes - head_bytes, begins=False)
-            return _joined(held[:k] + [head]), [tail] + held[k + 1:]
+            tail = held[k]._replace(
+                text=text[at:], nbytes=held[k].nbytes - head_bytes, begins=False
+            )
+            return _joined(held[:k] + [head]), [tail] + held[k + 1 :]
     return None, held
 
 
@@ -581,8 +684,11 @@ def _joined(pieces: list[Piece]) -> Piece:
     if len(pieces) == 1:
         return pieces[0]
     last = pieces[-1]
-    return last._replace(text="".join(p.text for p in pieces), nbytes=sum(p.nbytes for p in pieces),
-                         begins=pieces[0].begins)
+    return last._replace(
+        text="".join(p.text for p in pieces),
+        nbytes=sum(p.nbytes for p in pieces),
+        begins=pieces[0].begins,
+    )
 
 
 def iter_texts(paths, text_field: str = "text") -> Iterator[str]:
@@ -590,7 +696,8 @@ def iter_texts(paths, text_field: str = "text") -> Iterator[str]:
     return (piece.text for piece in read_documents(list_sources(paths), 0.0, text_field))
 
 
-# ----------------------------------------------------------------------------- the tokenizer's sample
+# ---------------------------------------------------------------------- the tokenizer's sample
+
 
 def _bit_reversed(n: int, j: int) -> tuple[int, int]:
     """The next index of range(n) in bit-reversed (van der Corput) order from position j, and the
@@ -651,9 +758,8 @@ def _sample_records(source, share, text_field, j) -> tuple[list[str] | None, int
 def _content_size(source: Source) -> float:
     """Bytes of text in a file, estimated for compressed ones from their first 64 KB."""
     try:
-        if source.format == "parquet":
-            meta = _require("pyarrow.parquet", "pyarrow", ".parquet").ParquetFile(source.path).metadata
-            return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) or source.size
+        if source.format.text_size:
+            return source.format.text_size(source) or source.size
         if source.compression is None:
             return source.size
         with open(source.path, "rb") as f:
@@ -663,15 +769,22 @@ def _content_size(source: Source) -> float:
             text = inflate.decompress(head, 1 << 24)
             used = len(head) - len(inflate.unconsumed_tail) - len(inflate.unused_data)
         else:
-            reader = _require("zstandard", "zstandard", ".zst").ZstdDecompressor().stream_reader(io.BytesIO(head))
+            zstandard = _require("zstandard", "zstandard", ".zst")
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head))
             text, used = reader.read(1 << 24), len(head)
         return source.size * len(text) / max(used, 1)
     except Exception:  # a damaged file: reading it later says what is wrong
         return source.size
 
 
-def sample_texts(sources: list[Source], share: float, text_field: str = "text", expected_bytes: int | None = None,
-                 verbose: bool = False, max_open: int = 32) -> Iterator[str]:
+def sample_texts(
+    sources: list[Source],
+    share: float,
+    text_field: str = "text",
+    expected_bytes: int | None = None,
+    verbose: bool = False,
+    max_open: int = 32,
+) -> Iterator[str]:
     """Train-split texts spread over the whole corpus, in an order of which every prefix is spread.
 
     Files are interleaved by stride scheduling: the next unit always comes from the file whose
@@ -686,10 +799,15 @@ def sample_texts(sources: list[Source], share: float, text_field: str = "text", 
     """
     total = sum(s.size for s in sources) or 1
     stride = max(1, min(MAX_SAMPLE_STRIDE, round(total / expected_bytes))) if expected_bytes else 1
-    heap = [(_phase(s.key) * min(1.0, block_size(s) / s.size), i, 0, s.size) for i, s in enumerate(sources) if s.size]
+    heap = [
+        (_phase(s.key) * min(1.0, block_size(s) / s.size), i, 0, s.size)
+        for i, s in enumerate(sources)
+        if s.size
+    ]
     heapq.heapify(heap)
     streams = OrderedDict()  # the open stream-order readers, least recently used first
-    progress, sampled = Progress("tokenizer sample", min(expected_bytes or total, total), verbose=verbose), 0
+    progress = Progress("tokenizer sample", min(expected_bytes or total, total), verbose=verbose)
+    sampled = 0
     try:
         while heap:
             rank, i, position, size = heapq.heappop(heap)
@@ -698,11 +816,12 @@ def sample_texts(sources: list[Source], share: float, text_field: str = "text", 
                 if not source.named and is_binary(source):
                     continue
                 size = _content_size(source)
-            if source.seekable:
-                reader = _sample_records if source.format == "jsonl" else _sample_block
-                texts, position = reader(source, share, text_field, position)
+            if source.seekable and source.format.sample:
+                texts, position = source.format.sample(source, share, text_field, position)
             else:
-                texts, position = _sample_stream(source, i, share, text_field, stride, position, streams, max_open)
+                texts, position = _sample_stream(
+                    source, i, share, text_field, stride, position, streams, max_open
+                )
             if texts is None:
                 continue
             nbytes = 0
@@ -737,3 +856,30 @@ def _sample_stream(source, i, share, text_field, stride, position, streams, max_
             texts = []
     streams.pop(i).close()
     return None, position
+
+
+# ---------------------------------------------------------------------- formats
+
+
+class Format(NamedTuple):
+    """How one kind of file is read.
+
+    pieces(file: Reading, share, text_field, report): its documents' Pieces from file.offset and
+    file.unit, the last piece of each unit with its resume point (file.index, offset, unit);
+    split a document with _document. sample(source, share, text_field, j): the train texts of the
+    j-th unit of a plain file in a spread order, found by seeking, and the next j (None: the
+    sample reads it in stream order). byte_stream: read from its (decompressed) bytes, else by
+    path. text_size(source): bytes of text in it, when that is not its size on disk."""
+
+    pieces: Callable
+    sample: Callable | None = None
+    byte_stream: bool = True
+    text_size: Callable | None = None
+
+
+TEXT = Format(_text_pieces, _sample_block)  # a file of any other name
+FORMATS = {  # by the file name's last suffix, after .gz or .zst
+    ".jsonl": Format(_jsonl_pieces, _sample_records),
+    ".ndjson": Format(_jsonl_pieces, _sample_records),
+    ".parquet": Format(_parquet_pieces, byte_stream=False, text_size=_parquet_text_size),
+}

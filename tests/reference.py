@@ -104,8 +104,12 @@ def forward(w, tokens, cfg):
         o = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
         x = x + o.transpose(0, 2, 1, 3).reshape(B, T, H * E) @ w[p + "attention.wo.weight"].T
         f = norm(x, w, p + "ffn_norm", cfg)
-        x = x + swiglu(f, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w2.weight"],
-                       w[p + "feed_forward.w3.weight"])
+        x = x + swiglu(
+            f,
+            w[p + "feed_forward.w1.weight"],
+            w[p + "feed_forward.w2.weight"],
+            w[p + "feed_forward.w3.weight"],
+        )
     head = w["tok_embeddings.weight"] if cfg["tie_embeddings"] else w["output.weight"]
     return norm(x, w, "norm", cfg) @ head.T
 

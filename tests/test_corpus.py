@@ -1,4 +1,6 @@
-"""corpus.py: files, folders and formats -> documents in bounded pieces; the val split; the tokenizer's sample."""
+"""infra/corpus.py: files, folders and formats -> documents in bounded pieces; the val split;
+the tokenizer's sample."""
+
 import gzip
 import json
 import os
@@ -10,16 +12,43 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infra import corpus
-from infra.corpus import (DataError, LINE_START, WORD_CUT, cut_text, list_sources, read_block, read_documents,
-                    sample_texts, val_share)
-from tokenizer import GPT4_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, SAFE_CUT
+from infra.corpus import (
+    LINE_START,
+    WORD_CUT,
+    DataError,
+    cut_text,
+    list_sources,
+    read_block,
+    read_documents,
+    sample_texts,
+    val_share,
+)
+from infra.fast_encode import GPT4_PATTERN as GPT4_SPLIT_PATTERN  # cut points proven here
+from infra.fast_encode import SAFE_CUT
+from infra.tokenizer_formats import LLAMA3_SPLIT_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text()
 split_pieces = regex.compile(GPT4_SPLIT_PATTERN).findall
 split_llama3 = regex.compile(LLAMA3_SPLIT_PATTERN).findall
-TRICKY = list("ab Z1 2\n\r\t.,!'s") + ["中文", "，", "。", "\u3000", "\xa0", "\x1c", "\x85", "\u2028", "é", "٣", "ll",
-                                      "  ", "\r\n", "😀", " \n", "'S"]
+TRICKY = list("ab Z1 2\n\r\t.,!'s") + [
+    "中文",
+    "，",
+    "。",
+    "\u3000",
+    "\xa0",
+    "\x1c",
+    "\x85",
+    "\u2028",
+    "é",
+    "٣",
+    "ll",
+    "  ",
+    "\r\n",
+    "😀",
+    " \n",
+    "'S",
+]
 
 
 def pieces_of(paths, share=0.0, **kwargs):
@@ -40,7 +69,7 @@ def documents(pieces):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(TRICKY), max_size=40).map("".join))
 def test_safe_cut_points_keep_the_pieces_of_the_whole_text(text):
-    """For GPT-4's split pattern and Llama 3's (Tokenizer.cut_points "words")."""
+    """For GPT-4's split pattern and Llama 3's (fast_encode.cut_points "words")."""
     for split in (split_pieces, split_llama3):
         whole = split(text)
         for pattern in (LINE_START, WORD_CUT):
@@ -59,17 +88,27 @@ def test_cut_points_found_on_bytes_are_the_first_safe_ones(text, at):
     start = corpus._char_start(raw, i, len(raw))
     k = len(raw[:start].decode())  # the character index of the aligned start
     match = LINE_START.search(text, k) or WORD_CUT.search(text, k)
-    assert corpus._find_cut(raw, i, len(raw)) == (len(text[:match.start()].encode()) if match else start)
+    assert corpus._find_cut(raw, i, len(raw)) == (
+        len(text[: match.start()].encode()) if match else start
+    )
 
 
-@pytest.mark.parametrize("kind", ["single line", "CR line ends", "lines start with a space", "chinese, no newline"])
-def test_text_without_line_starts_is_cut_in_bounded_pieces_with_the_same_tokens(tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize(
+    "kind", ["single line", "CR line ends", "lines start with a space", "chinese, no newline"]
+)
+def test_text_without_line_starts_is_cut_in_bounded_pieces_with_the_same_tokens(
+    tmp_path, monkeypatch, kind
+):
     monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
     words = SHAKESPEARE[:60_000].split()
-    text = {"single line": " ".join(words),
-            "CR line ends": SHAKESPEARE[:60_000].replace("\n", "\r"),
-            "lines start with a space": "".join(f" = {line} =\n" for line in SHAKESPEARE[:60_000].splitlines()),
-            "chinese, no newline": "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张" * 2000}[kind]
+    text = {
+        "single line": " ".join(words),
+        "CR line ends": SHAKESPEARE[:60_000].replace("\n", "\r"),
+        "lines start with a space": "".join(
+            f" = {line} =\n" for line in SHAKESPEARE[:60_000].splitlines()
+        ),
+        "chinese, no newline": "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张" * 2000,
+    }[kind]
     (tmp_path / "t.txt").write_text(text, newline="")
     pieces = pieces_of(tmp_path / "t.txt")
     assert "".join(p.text for p in pieces) == text
@@ -80,7 +119,9 @@ def test_text_without_line_starts_is_cut_in_bounded_pieces_with_the_same_tokens(
 def test_a_huge_record_is_cut_into_bounded_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 1000)
     text = " ".join(SHAKESPEARE[:50_000].split())
-    (tmp_path / "d.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n"
+    )
     pieces = pieces_of(tmp_path / "d.jsonl")
     assert [p.ends for p in pieces].count(True) == 2 and pieces[0].begins and not pieces[1].begins
     assert max(len(p.text) for p in pieces) <= 1000 and len(pieces) > 50
@@ -88,8 +129,13 @@ def test_a_huge_record_is_cut_into_bounded_pieces(tmp_path, monkeypatch):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["ab", " ", "\n", "xy\n", "  z\n", "é", "|"]), min_size=1, max_size=60).map("".join),
-       st.lists(st.integers(1, 12), min_size=1, max_size=20), st.sampled_from([SAFE_CUT, None]))
+@given(
+    st.lists(
+        st.sampled_from(["ab", " ", "\n", "xy\n", "  z\n", "é", "|"]), min_size=1, max_size=60
+    ).map("".join),
+    st.lists(st.integers(1, 12), min_size=1, max_size=20),
+    st.sampled_from([SAFE_CUT, None]),
+)
 def test_recut_gives_pieces_that_end_at_cut_points(text, sizes, cut):
     """Documents ("|" between them) read in pieces of `sizes` characters, re-cut with limit 8."""
     pieces, by_end, position, k = [], {}, 0, 0
@@ -98,8 +144,17 @@ def test_recut_gives_pieces_that_end_at_cut_points(text, sizes, cut):
         while start < len(document):
             end = min(len(document), start + sizes[k % len(sizes)])
             by_end[position + end] = (0, position + end, k)
-            pieces.append(corpus.Piece(document[start:end], len(document[start:end].encode()), "train", start == 0,
-                                       end == len(document), by_end[position + end], position + end))
+            pieces.append(
+                corpus.Piece(
+                    document[start:end],
+                    len(document[start:end].encode()),
+                    "train",
+                    start == 0,
+                    end == len(document),
+                    by_end[position + end],
+                    position + end,
+                )
+            )
             start, k = end, k + 1
         position += len(document)
     out, position = list(corpus.recut(iter(pieces), cut, limit=8)), 0
@@ -121,34 +176,60 @@ def test_documents_are_cut_only_where_the_tokenizer_allows(tmp_path, monkeypatch
     monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 3000)
     lines = SHAKESPEARE[:60_000].splitlines(keepends=True)
     words = SHAKESPEARE[:60_000].split()
-    text = ("".join(lines[:800]) + " ".join(words[:5000]) + "\n" + "".join(f"  {line}" for line in lines[800:1000])
-            + "".join(" ".join(words[i:i + 1000]) + "\n" for i in range(0, 8000, 1000)) + "".join(lines[1000:]))
+    text = (
+        "".join(lines[:800])
+        + " ".join(words[:5000])
+        + "\n"
+        + "".join(f"  {line}" for line in lines[800:1000])
+        + "".join(" ".join(words[i : i + 1000]) + "\n" for i in range(0, 8000, 1000))
+        + "".join(lines[1000:])
+    )
     (tmp_path / "t.txt").write_text(text)
-    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": "".join(lines[i:i + 400])}) + "\n" for i in (0, 400)))
+    (tmp_path / "r.jsonl").write_text(
+        "".join(json.dumps({"text": "".join(lines[i : i + 400])}) + "\n" for i in (0, 400))
+    )
     sources = list_sources([tmp_path / "t.txt", tmp_path / "r.jsonl"])
     default = pieces_of(sources[0].path, 0.2) + pieces_of(sources[1].path, 0.2)
     pieces = list(read_documents(sources, 0.2, cuts=SAFE_CUT))
     assert documents(pieces) == documents(default) and len(pieces) > 10
     for before, piece in zip(pieces, pieces[1:]):
-        assert piece.begins or SAFE_CUT.match(before.text[-1] + piece.text[0], 1), (before.text[-30:], piece.text[:30])
-    for piece in pieces:  # bounded but for the longest stretch without a cut point (the long line, the indented lines)
+        assert piece.begins or SAFE_CUT.match(before.text[-1] + piece.text[0], 1), (
+            before.text[-30:],
+            piece.text[:30],
+        )
+    # bounded but for the longest stretch without a cut point (the long line, the indented lines)
+    for piece in pieces:
         cuts = [0] + [m.start() for m in SAFE_CUT.finditer(piece.text)] + [len(piece.text)]
         assert len(piece.text) <= 3000 + 2 * 4096 + max(b - a for a, b in zip(cuts, cuts[1:]))
-    assert max(len(p.text) for p in pieces) > 3000 + 2 * 4096  # a stretch without a cut point, held whole
+    assert (
+        max(len(p.text) for p in pieces) > 3000 + 2 * 4096
+    )  # a stretch without a cut point, held whole
     assert any(p.resume and not p.ends for p in pieces)  # resumable inside a document
     for k, piece in enumerate(pieces):
         if piece.resume:
-            assert list(read_documents(sources, 0.2, start=piece.resume, cuts=SAFE_CUT)) == pieces[k + 1:]
+            assert (
+                list(read_documents(sources, 0.2, start=piece.resume, cuts=SAFE_CUT))
+                == pieces[k + 1 :]
+            )
     monkeypatch.setattr(corpus, "HUGE_DOCUMENT_CHARS", 10_000)  # several documents are longer
     whole = list(read_documents(sources, 0.2, cuts=None))
-    assert [(p.split, p.text) for p in whole] == documents(default) and all(p.begins and p.ends for p in whole)
+    assert [(p.split, p.text) for p in whole] == documents(default) and all(
+        p.begins and p.ends for p in whole
+    )
     assert capsys.readouterr().err.count("allows no cut in more than") == 1
 
 
 def test_blocks_found_by_seeking_are_the_blocks_read_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
-    text = (SHAKESPEARE[:20_000] + "中文没有空格" * 3000 + "x" * 9000 + " leading\n" * 500 + "é\r" * 3000
-            + "\n\n" + SHAKESPEARE[:5000])
+    text = (
+        SHAKESPEARE[:20_000]
+        + "中文没有空格" * 3000
+        + "x" * 9000
+        + " leading\n" * 500
+        + "é\r" * 3000
+        + "\n\n"
+        + SHAKESPEARE[:5000]
+    )
     path = tmp_path / "mixed.txt"
     path.write_bytes(text.encode() + b"\xff\xfe tail")
     source = list_sources(path)[0]
@@ -166,13 +247,18 @@ def write_formats(folder: Path, docs: list[str], field="text"):
     zstandard = pytest.importorskip("zstandard")
     (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    parquet.write_table(pyarrow.table({field: docs, "id": list(range(len(docs)))}), folder / "d.parquet",
-                        row_group_size=7)
+    parquet.write_table(
+        pyarrow.table({field: docs, "id": list(range(len(docs)))}),
+        folder / "d.parquet",
+        row_group_size=7,
+    )
     return paths + [folder / "c.jsonl.zst", folder / "d.parquet"]
 
 
 def test_every_format_gives_the_documents_of_plain_jsonl(tmp_path):
-    docs = [f"document {i}: " + SHAKESPEARE[i * 300:(i + 1) * 300] for i in range(40)] + ["中文，😀"]
+    docs = [f"document {i}: " + SHAKESPEARE[i * 300 : (i + 1) * 300] for i in range(40)] + [
+        "中文，😀"
+    ]
     paths = write_formats(tmp_path, docs, field="body")
     for path in paths:
         assert [text for _, text in documents(pieces_of(path, text_field="body"))] == docs, path
@@ -182,7 +268,9 @@ def test_every_format_gives_the_documents_of_plain_jsonl(tmp_path):
     for name in ("plain.txt", "plain.txt.gz"):
         pieces = pieces_of(tmp_path / name, share=0.3)
         assert "".join(p.text for p in pieces) == text
-    assert [p.split for p in pieces_of(tmp_path / "plain.txt", 0.3)] == [p.split for p in pieces_of(tmp_path / "plain.txt.gz", 0.3)]
+    assert [p.split for p in pieces_of(tmp_path / "plain.txt", 0.3)] == [
+        p.split for p in pieces_of(tmp_path / "plain.txt.gz", 0.3)
+    ]
     with pytest.raises(DataError, match="no column 'text'.*--text-field"):
         pieces_of(tmp_path / "d.parquet")
 
@@ -190,8 +278,12 @@ def test_every_format_gives_the_documents_of_plain_jsonl(tmp_path):
 def test_binary_files_and_text_that_is_not_utf8(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.txt").write_text("hello world\n" * 1000)
-    (tmp_path / "in" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 4)
-    (tmp_path / "in" / "latin1.txt").write_bytes(("café " * 10 + "\n").encode("latin-1") + b"plain\n" * 1000)
+    (tmp_path / "in" / "image.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 4
+    )
+    (tmp_path / "in" / "latin1.txt").write_bytes(
+        ("café " * 10 + "\n").encode("latin-1") + b"plain\n" * 1000
+    )
     counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
     pieces = list(read_documents(list_sources(tmp_path / "in"), 0.0, counts=counts))
     err = capsys.readouterr().err
@@ -209,9 +301,52 @@ def test_binary_files_and_text_that_is_not_utf8(tmp_path, capsys):
         pieces_of(tmp_path / "gz.txt.gz")
 
 
+def test_a_truncated_zst_is_an_error_like_a_truncated_gz(tmp_path):
+    """A .zst cut inside a frame is a one-line error, as the same cut .gz is; a file of several
+    frames is read whole (issue 23, item 4)."""
+    zstandard = pytest.importorskip("zstandard")
+    text = "".join(f"line {i} of a compressed corpus\n" for i in range(30_000)).encode()
+    whole = zstandard.ZstdCompressor().compress(text)
+    (tmp_path / "two_frames.txt.zst").write_bytes(whole + zstandard.ZstdCompressor().compress(text))
+    assert "".join(p.text for p in pieces_of(tmp_path / "two_frames.txt.zst")).encode() == text * 2
+    (tmp_path / "cut.txt.zst").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(text)[: len(whole) // 2])
+    for name in ("cut.txt.gz", "cut.txt.zst"):
+        with pytest.raises(
+            DataError, match=rf"{name}: cannot read it \(Compressed file ended before"
+        ):
+            pieces_of(tmp_path / name)
+    with pytest.raises(
+        DataError, match="cut.txt.zst: cannot read it"
+    ):  # the tokenizer's sample too
+        list(sample_texts(list_sources(tmp_path / "cut.txt.zst"), 0.0))
+
+
+def test_a_fifo_is_skipped_with_a_warning_and_named_is_an_error_that_says_what_it_is(
+    tmp_path, capsys
+):
+    """Issue 23, item 12: a FIFO in a folder was skipped silently, a named one "did not exist"."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("some text\n")
+    os.mkfifo(tmp_path / "in" / "pipe")
+    assert [s.key for s in list_sources(tmp_path / "in")] == ["a.txt"]
+    assert (
+        "pipe is not a regular file (a FIFO, a socket or a device); skipped"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(DataError, match="input .*pipe is not a regular file or a folder \\(a FIFO"):
+        list_sources(tmp_path / "in" / "pipe")
+
+
 def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
     good = [json.dumps({"text": f"record {i}"}) for i in range(500)]
-    bad = ['{"text": "\\ud83d broken emoji"}', '{"text": null}', '["a list"]', "not json", '{"txt": "x"}']
+    bad = [
+        '{"text": "\\ud83d broken emoji"}',
+        '{"text": null}',
+        '["a list"]',
+        "not json",
+        '{"txt": "x"}',
+    ]
     lines = good[:100] + bad + good[100:]
     (tmp_path / "web.jsonl").write_text("\n".join(lines) + "\n")
     counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
@@ -221,9 +356,13 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
     assert "web.jsonl:101: a lone surrogate escape" in err and "web.jsonl:102: no text" in err
     assert "skipped 5 bad record(s) of 505" in err and counts["bad_records"] == 5
     (tmp_path / "mostly_bad.jsonl").write_text("\n".join(good[:100] + bad * 3) + "\n")
-    with pytest.raises(DataError, match=r"mostly_bad.jsonl: 15 of 115 records are bad \(first: .*:101"):
+    with pytest.raises(
+        DataError, match=r"mostly_bad.jsonl: 15 of 115 records are bad \(first: .*:101"
+    ):
         pieces_of(tmp_path / "mostly_bad.jsonl")
-    with pytest.raises(DataError, match=r"505 of 505 records are bad .*no \"body\" field.*--text-field"):
+    with pytest.raises(
+        DataError, match=r"505 of 505 records are bad .*no \"body\" field.*--text-field"
+    ):
         pieces_of(tmp_path / "web.jsonl", text_field="body")
 
 
@@ -250,7 +389,8 @@ def test_val_is_spread_over_every_source_and_capped(tmp_path):
         (tmp_path / source).mkdir()
         for k in range(3):
             (tmp_path / source / f"{k}.jsonl").write_text(
-                "".join(json.dumps({"text": f"{source} {k} {i}"}) + "\n" for i in range(200)))
+                "".join(json.dumps({"text": f"{source} {k} {i}"}) + "\n" for i in range(200))
+            )
     sources = list_sources(tmp_path)
     docs = documents(read_documents(sources, 0.1))
     for source in ("arxiv", "books", "wiki"):
@@ -260,7 +400,9 @@ def test_val_is_spread_over_every_source_and_capped(tmp_path):
     alone = documents(read_documents(sources[4:5], 0.1))
     assert alone == docs[800:1000]
     total = sum(s.size for s in sources)
-    assert val_share(sources, 0.1, None) == 0.1 and val_share(sources, 0.1, total // 100) == pytest.approx(0.01, rel=0.01)
+    assert val_share(sources, 0.1, None) == 0.1 and val_share(
+        sources, 0.1, total // 100
+    ) == pytest.approx(0.01, rel=0.01)
 
 
 def test_one_text_file_gets_a_val_split_spread_over_it(tmp_path):
@@ -272,18 +414,23 @@ def test_one_text_file_gets_a_val_split_spread_over_it(tmp_path):
     for piece in pieces:
         if piece.split == "val":
             starts.append(position / len(SHAKESPEARE))
-            assert piece.begins and piece.ends and piece.text.endswith("\n")  # line-aligned, one document each
+            assert (
+                piece.begins and piece.ends and piece.text.endswith("\n")
+            )  # line-aligned, one document each
         position += len(piece.text)
     assert all(any(q <= s < q + 0.25 for s in starts) for q in (0, 0.25, 0.5, 0.75))
 
 
 def make_sources(tmp_path):
-    """Three sources of about 1:3:6 bytes of text (plain, JSONL, gzip); every line names its source."""
+    """Three sources of about 1:3:6 bytes of text (plain, JSONL, gzip); every line names its
+    source."""
     (tmp_path / "c").mkdir()
     lines = [line for line in SHAKESPEARE.splitlines() if line.strip()]
     (tmp_path / "c" / "a.txt").write_text("".join(f"A {line}\n" for line in lines[:2000]))
-    records = ("".join(f"B {i} {line}\n" for line in lines[i:i + 8]) for i in range(0, 6000, 8))
-    (tmp_path / "c" / "b.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
+    records = ("".join(f"B {i} {line}\n" for line in lines[i : i + 8]) for i in range(0, 6000, 8))
+    (tmp_path / "c" / "b.jsonl").write_text(
+        "".join(json.dumps({"text": text}) + "\n" for text in records)
+    )
     big = "".join(f"C {line}\n" for line in (lines * 2)[:12000]).encode()
     (tmp_path / "c" / "c.txt.gz").write_bytes(gzip.compress(big, compresslevel=1))
     return list_sources(tmp_path / "c")
@@ -297,7 +444,9 @@ def test_the_sample_is_spread_over_files_in_proportion_in_every_prefix(tmp_path)
     sample = list(sample_texts(sources, share))
     lines = [line for text in sample for line in text.splitlines()]
     assert not any(text in val for text in sample)  # the tokenizer trains on the train split only
-    assert sorted(lines) == sorted(line for text in train for line in text.splitlines())  # all of it, once
+    assert sorted(lines) == sorted(
+        line for text in train for line in text.splitlines()
+    )  # all of it, once
     sizes = {"A": 0, "B": 0, "C": 0}
     for text in train:
         sizes[text[0]] += len(text)
@@ -308,19 +457,26 @@ def test_the_sample_is_spread_over_files_in_proportion_in_every_prefix(tmp_path)
         if checks and sum(got.values()) >= checks[0] * total:
             checks.pop(0)
             for name in got:
-                assert got[name] / sum(got.values()) == pytest.approx(sizes[name] / total, abs=0.05), got
+                assert got[name] / sum(got.values()) == pytest.approx(
+                    sizes[name] / total, abs=0.05
+                ), got
 
 
 def test_the_sample_of_a_plain_file_is_spread_over_it(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "MAX_BLOCK", 4096)
     (tmp_path / "t.txt").write_text(SHAKESPEARE)
-    positions = [SHAKESPEARE.index(text) / len(SHAKESPEARE) for text in list(sample_texts(list_sources(tmp_path / "t.txt"), 0.1))[:6]]
+    positions = [
+        SHAKESPEARE.index(text) / len(SHAKESPEARE)
+        for text in list(sample_texts(list_sources(tmp_path / "t.txt"), 0.1))[:6]
+    ]
     assert all(any(q <= p < q + 0.25 for p in positions) for q in (0, 0.25, 0.5, 0.75))
 
 
 def test_progress_counts_bytes_on_disk(tmp_path):
     docs = ["中文的文本" * 50 for _ in range(100)]
-    (tmp_path / "escaped.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))  # \\uXXXX
+    (tmp_path / "escaped.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    )  # \\uXXXX
     (tmp_path / "z.txt.gz").write_bytes(gzip.compress(("text " * 20_000).encode()))
     pieces = pieces_of(tmp_path)
     raw = (tmp_path / "escaped.jsonl").stat().st_size

@@ -2,7 +2,8 @@
 
 - Every command shown (in a code block, or as an inline span that starts like a command) names a
   script that exists, and the script's own parser accepts every flag: train.py's argparse and then
-  its `--key=value` overrides, checked as config/__init__.py checks them (key, type, range), the other
+  its `--key=value` overrides, checked as config/__init__.py checks them (key, type, range), the
+  other
   scripts' argparse parsers (run up to the moment they read their command line, not further), and
   torchrun's own parser for the launcher's flags. Shell placeholders are substituted from
   PLACEHOLDERS, a synopsis's brackets from SYNOPSIS; a placeholder not listed there is a failure.
@@ -14,6 +15,7 @@
   is one of a script's options or a config key.
 - The ```python snippets run, in a temporary folder, with the files they read made at tiny size.
 """
+
 import argparse
 import ast
 import contextlib
@@ -38,21 +40,26 @@ TRANSLATED = ("Quick start", "Read the code", "Fork it")
 
 # Shell variables the commands use, and what stands in for them when the command line is parsed.
 PLACEHOLDERS = {"$NODE_RANK": "0", "$MASTER_HOST": "localhost", "$SLURM_ARRAY_TASK_ID": "0"}
-# In a synopsis (a command with [optional] parts), the words that stand for something: None drops them.
+# In a synopsis (a command with [optional] parts), the words that stand for something: None drops
+# them.
 SYNOPSIS = {"CONFIG": "config/7b.py", "--key=value": None, "...": None}
 # Programs that are not this project's: their command lines are the user's business.
 EXTERNAL = {"huggingface-cli"}
 # Scripts beside the project, not in a clone of it: the peers the benchmarks compare against.
 EXTERNAL_SCRIPTS = {"../shared/peers/vs_nanogpt.py"}
 PYTEST_FLAGS = {"-q", "-x"}  # pytest's own flags that the READMEs use
-# Flags named in the text on their own are options of these scripts (or config keys); these stand for any.
+# Flags named in the text on their own are options of these scripts (or config keys); these stand
+# for any.
 FLAG_SCRIPTS = ("train.py", "data.py", "sample.py", "tokenizer.py")
 FLAG_PLACEHOLDERS = {"--key=value", "--model.KEY", "--model.*"}
-COMMAND_START = re.compile(r"^(?:[A-Z_]+=\S* )*(?:python3?|torchrun|pip|sbatch|echo|huggingface-cli) ")
+COMMAND_START = re.compile(
+    r"^(?:[A-Z_]+=\S* )*(?:python3?|torchrun|pip|sbatch|echo|huggingface-cli) "
+)
 FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```[ \t]*$", re.S | re.M)
 
 
 # ----------------------------------------------------------------------------- reading the READMEs
+
 
 def fenced_blocks(text: str) -> list[tuple[str, str, int]]:
     """(language, code, line number) of each ``` block."""
@@ -106,6 +113,7 @@ def sections(text: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- checking a command
 
+
 class OptionalPackageMissing(Exception):
     """The script imports an optional package (requirements-dev.txt) that is not installed here."""
 
@@ -117,12 +125,15 @@ class _Parsed(BaseException):  # not an Exception: a script's `except Exception`
 
 @contextlib.contextmanager
 def stop_after_parsing(parse: bool = True):
-    """The outermost ArgumentParser.parse_args / parse_known_args call raises _Parsed with its result
+    """The outermost ArgumentParser.parse_args / parse_known_args call raises _Parsed with its
+    result
     instead of returning it, so a script's main() stops as soon as it has read its command line
     (parse=False: with the parser itself, before it reads anything). Nested calls, as subparsers and
     parse_args itself make, return as usual."""
     depth = 0
-    originals = {name: getattr(argparse.ArgumentParser, name) for name in ("parse_args", "parse_known_args")}
+    originals = {
+        name: getattr(argparse.ArgumentParser, name) for name in ("parse_args", "parse_known_args")
+    }
 
     def stopping(name):
         def method(self, *args, **kwargs):
@@ -137,9 +148,12 @@ def stop_after_parsing(parse: bool = True):
             if depth == 0:
                 raise _Parsed(result)
             return result
+
         return method
 
-    with mock.patch.multiple(argparse.ArgumentParser, **{name: stopping(name) for name in originals}):
+    with mock.patch.multiple(
+        argparse.ArgumentParser, **{name: stopping(name) for name in originals}
+    ):
         yield
 
 
@@ -164,12 +178,18 @@ def script_arguments(script: str, args: list[str], parse: bool = True):
     sys.argv = [str(path), *args]
     try:
         with stop_after_parsing(parse):
-            parse_with(lambda: runpy.run_path(str(path), run_name="__main__"), f"{script} {' '.join(args)}")
+            parse_with(
+                lambda: runpy.run_path(str(path), run_name="__main__"), f"{script} {' '.join(args)}"
+            )
     except _Parsed as parsed:
         return parsed.result
     except ModuleNotFoundError as error:
-        if error.name and re.search(rf"^{re.escape(error.name)}\b", (ROOT / "requirements-dev.txt").read_text(), re.M):
-            raise OptionalPackageMissing(f"{script} needs {error.name}, which is not installed") from None
+        if error.name and re.search(
+            rf"^{re.escape(error.name)}\b", (ROOT / "requirements-dev.txt").read_text(), re.M
+        ):
+            raise OptionalPackageMissing(
+                f"{script} needs {error.name}, which is not installed"
+            ) from None
         raise
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
@@ -179,8 +199,9 @@ def script_arguments(script: str, args: list[str], parse: bool = True):
 def check_python(args: list[str], command: str):
     if args[:2] == ["-m", "pytest"]:
         for arg in args[2:]:
-            assert arg in PYTEST_FLAGS or (not arg.startswith("-") and (ROOT / arg).exists()), \
+            assert arg in PYTEST_FLAGS or (not arg.startswith("-") and (ROOT / arg).exists()), (
                 f"{command}: pytest argument {arg} (add pytest's flag to PYTEST_FLAGS)"
+            )
         return
     assert args and not args[0].startswith("-"), f"{command}: expected python SCRIPT ..."
     script, rest = args[0], args[1:]
@@ -189,7 +210,9 @@ def check_python(args: list[str], command: str):
     result = script_arguments(script, rest)
     if script == "train.py":
         namespace, overrides = result
-        try:  # as train.py builds its config: the file, then each --key=value checked by name, type and range
+        # as train.py builds its config: the file, then each --key=value checked by name, type
+        # and range
+        try:
             with_values(load_file(namespace.config), parse_overrides(overrides))
         except (ConfigError, ValueError) as error:
             raise AssertionError(f"{command}: {error}") from None
@@ -197,9 +220,12 @@ def check_python(args: list[str], command: str):
 
 def check_torchrun(args: list[str], command: str):
     from torch.distributed.run import get_args_parser
+
     if args[-1:] == ["..."]:
         args = args[:-1]
-    if not any(arg.endswith(".py") for arg in args):  # `torchrun --flag [...]`: the launcher's flags alone
+    if not any(
+        arg.endswith(".py") for arg in args
+    ):  # `torchrun --flag [...]`: the launcher's flags alone
         args = args + ["train.py"]
     launch = parse_with(lambda: get_args_parser().parse_args(args), command)
     assert not launch.module and not launch.no_python, f"{command}: expected torchrun ... SCRIPT"
@@ -215,12 +241,17 @@ def check_pip(args: list[str], command: str):
             requirements = next(words, "")
             assert (ROOT / requirements).is_file(), f"{command}: no file {requirements}"
         else:
-            assert re.search(rf"^{re.escape(word)}\b", declared, re.M), f"{command}: {word} is in no requirements file"
+            assert re.search(rf"^{re.escape(word)}\b", declared, re.M), (
+                f"{command}: {word} is in no requirements file"
+            )
 
 
 def check_command(command: str):
-    """AssertionError saying what is wrong if `command`, as a README shows it, would not be accepted."""
-    if re.search(r"\[[-A-Z]", command):  # a synopsis: every optional part at once, placeholders filled in
+    """AssertionError saying what is wrong if `command`, as a README shows it, would not be
+    accepted."""
+    if re.search(
+        r"\[[-A-Z]", command
+    ):  # a synopsis: every optional part at once, placeholders filled in
         words = command.replace("[", "").replace("]", "").replace(" | ", " ").split()
         command = " ".join(SYNOPSIS.get(w, w) for w in words if SYNOPSIS.get(w, w) is not None)
     for name, value in PLACEHOLDERS.items():
@@ -247,11 +278,20 @@ def check_command(command: str):
         elif program == "sbatch":
             assert "--wrap" in args, f"{command}: expected sbatch ... --wrap 'COMMAND'"
             check_command(args[args.index("--wrap") + 1])
+        elif (
+            program == "ruff"
+        ):  # the linter: in requirements-dev.txt, its settings in pyproject.toml
+            assert args[:1] in (["check"], ["format"]), f"{command}: ruff check or ruff format"
+            dev = (ROOT / "requirements-dev.txt").read_text()
+            assert re.search(r"^ruff\b", dev, re.M), (
+                f"{command}: ruff is not in requirements-dev.txt"
+            )
         else:
             assert program == "echo" or program in EXTERNAL, f"{command}: unknown program {program}"
 
 
 # ----------------------------------------------------------------------------- names in the code
+
 
 @functools.lru_cache
 def defined(path: Path) -> dict[str, set]:
@@ -277,7 +317,9 @@ def defined(path: Path) -> dict[str, set]:
 
 NAME = r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)`"
 # `file.py` `Name`, then more names of the same file: `file.py` `a`, `b` and `c`
-CODE_REFERENCE = re.compile(rf"`([\w./-]+\.py)`\s+{NAME}((?:(?:\s*,\s*(?:and\s+)?|\s+and\s+){NAME})*)")
+CODE_REFERENCE = re.compile(
+    rf"`([\w./-]+\.py)`\s+{NAME}((?:(?:\s*,\s*(?:and\s+)?|\s+and\s+){NAME})*)"
+)
 
 
 def code_references(text: str) -> list[tuple[str, str]]:
@@ -308,10 +350,16 @@ def links(text: str) -> list[str]:
 
 def defined_tests():
     """Every test_... function of tests/."""
-    return {name for path in (ROOT / "tests").glob("test_*.py") for name in defined(path) if name.startswith("test_")}
+    return {
+        name
+        for path in (ROOT / "tests").glob("test_*.py")
+        for name in defined(path)
+        if name.startswith("test_")
+    }
 
 
 # ----------------------------------------------------------------------------- the tests
+
 
 @pytest.fixture(scope="module", autouse=True)
 def in_root():
@@ -323,7 +371,9 @@ def in_root():
 @pytest.mark.parametrize("readme", [README, README_ZH], ids=lambda p: p.name)
 def test_every_command_is_accepted_by_the_current_code(readme):
     shown = commands(readme.read_text())
-    assert len(shown) >= (20 if readme == README else 3), "the commands are no longer found: fix commands()"
+    assert len(shown) >= (20 if readme == README else 3), (
+        "the commands are no longer found: fix commands()"
+    )
     failures, unchecked = [], []
     for line, command in shown:
         try:
@@ -340,43 +390,73 @@ def test_every_command_is_accepted_by_the_current_code(readme):
 def test_the_chinese_readme_shows_the_commands_and_snippets_of_the_sections_it_translates():
     english, chinese = README.read_text(), README_ZH.read_text()
     parts = sections(english)
-    assert set(TRANSLATED) <= set(parts), f"README.md has no section {set(TRANSLATED) - set(parts)}: update TRANSLATED"
+    assert set(TRANSLATED) <= set(parts), (
+        f"README.md has no section {set(TRANSLATED) - set(parts)}: update TRANSLATED"
+    )
     translated = "".join(parts[title] for title in TRANSLATED)
     assert {c for _, c in commands(chinese)} == {c for _, c in commands(translated)}
     assert {c for _, c in commands(chinese)} <= {c for _, c in commands(english)}
-    english_snippets = {code for language, code, _ in fenced_blocks(english) if language == "python"}
-    chinese_snippets = {code for language, code, _ in fenced_blocks(chinese) if language == "python"}
+    english_snippets = {
+        code for language, code, _ in fenced_blocks(english) if language == "python"
+    }
+    chinese_snippets = {
+        code for language, code, _ in fenced_blocks(chinese) if language == "python"
+    }
     assert chinese_snippets and chinese_snippets <= english_snippets
-    assert "README.zh-CN.md" in links(sections(english)[""]), "README.md links to README.zh-CN.md at the top"
-    assert "README.md" in links(sections(chinese)[""]), "README.zh-CN.md links back to README.md at the top"
+    assert "README.zh-CN.md" in links(sections(english)[""]), (
+        "README.md links to README.zh-CN.md at the top"
+    )
+    assert "README.md" in links(sections(chinese)[""]), (
+        "README.zh-CN.md links back to README.md at the top"
+    )
 
 
 @pytest.mark.parametrize("readme", [README, README_ZH], ids=lambda p: p.name)
 def test_every_file_and_name_the_readme_points_at_exists(readme):
     text = readme.read_text()
     references = code_references(text)
-    assert len(references) >= 20, "the `file.py` `Name` references are no longer found: fix CODE_REFERENCE"
-    problems = [f"link {target}: no such file" for target in links(text) if not (readme.parent / target).exists()]
-    problems += [f"`{file}` `{name}`: {why}" for file, name in references
-                 if (why := missing_reference(readme.parent, file, name))]
+    assert len(references) >= 20, (
+        "the `file.py` `Name` references are no longer found: fix CODE_REFERENCE"
+    )
+    problems = [
+        f"link {target}: no such file"
+        for target in links(text)
+        if not (readme.parent / target).exists()
+    ]
+    problems += [
+        f"`{file}` `{name}`: {why}"
+        for file, name in references
+        if (why := missing_reference(readme.parent, file, name))
+    ]
     paths = re.findall(r"`([\w-]+(?:/[\w.-]+)*\.py)`", prose(text))
-    problems += [f"`{path}`: no such file" for path in paths if not (readme.parent / path).is_file()]
+    problems += [
+        f"`{path}`: no such file" for path in paths if not (readme.parent / path).is_file()
+    ]
     tests = defined_tests()
-    problems += [f"`{name}`: no such test in tests/" for name in re.findall(r"`(test_\w+)`", prose(text))
-                 if name not in tests]
+    problems += [
+        f"`{name}`: no such test in tests/"
+        for name in re.findall(r"`(test_\w+)`", prose(text))
+        if name not in tests
+    ]
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("readme", [README, README_ZH], ids=lambda p: p.name)
 def test_every_flag_named_in_the_text_exists(readme):
-    """Flags named on their own (`--text-field`, `--grad_clip=0`): an option of one of the main scripts
+    """Flags named on their own (`--text-field`, `--grad_clip=0`): an option of one of the main
+    scripts
     or of torchrun, or a config key (then its value, if given, is checked as an override)."""
     from torch.distributed.run import get_args_parser
+
     options = set(get_args_parser()._option_string_actions)
     for script in FLAG_SCRIPTS:
         options |= set(script_arguments(script, [], parse=False)._option_string_actions)
     keys = set(valid_keys())
-    spans = [span for span in re.findall(r"`([^`]+)`", prose(readme.read_text())) if span.startswith("--")]
+    spans = [
+        span
+        for span in re.findall(r"`([^`]+)`", prose(readme.read_text()))
+        if span.startswith("--")
+    ]
     assert spans, "no flag found in the text: fix the search"
     problems = []
     for word in (word for span in spans for word in shlex.split(span) if word.startswith("--")):
@@ -396,6 +476,7 @@ def test_every_flag_named_in_the_text_exists(readme):
 
 def make_tokenizer(path: Path):
     from tokenizer import Tokenizer
+
     Tokenizer.train([(ROOT / "data" / "tinyshakespeare.txt").read_text()[:20_000]], 300).save(path)
 
 
@@ -415,8 +496,13 @@ def python_snippets():
 @pytest.mark.parametrize("code,where", python_snippets())
 def test_python_snippets_run(code, where, tmp_path):
     for node in ast.walk(ast.parse(code)):
-        for module in ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                       [node.module] if isinstance(node, ast.ImportFrom) else []):
+        for module in (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        ):
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 pytest.skip(f"{where} needs {module}, which is not installed")
     for relative, make in SNIPPET_FILES.items():
@@ -429,31 +515,48 @@ def test_python_snippets_run(code, where, tmp_path):
 
 # ----------------------------------------------------------------------------- the checks can fail
 
-@pytest.mark.parametrize("command,message", [
-    ("python train.py --no_such_key=1", "unknown config key 'no_such_key'"),
-    ("python train.py --max_steps=many", "expected a value of type int"),
-    ("python train.py --model.n_heads=5", "not divisible by n_heads"),
-    ("python train.py config/13b.py", "config file config/13b.py not found"),
-    ("python train.py --dryrun", "cannot read '--dryrun'"),
-    ("python data.py --input a --vocab_size 10", "unrecognized arguments: --vocab_size"),
-    ("python data.py --merge /x --part 3/2", "expected I/N"),
-    ("echo hi | python sample.py --prompt x", "the following arguments are required: --ckpt"),
-    ("python bench/bench_hf.py tail", "invalid choice: 'tail'"),
-    ("python no_such.py", "no script no_such.py"),
-    ("torchrun --nproc-per-node=2 --no-such-flag train.py", "unrecognized arguments"),
-    ("torchrun --standalone train.py --lr=fast", "expected a value of type float"),
-    ("pip install -r requirements-gpu.txt", "no file requirements-gpu.txt"),
-    ("python train.py --out_dir=$OUT", "without a stand-in"),
-    ("sbatch --wrap 'python data.py --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
-])
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        ("python train.py --no_such_key=1", "unknown config key 'no_such_key'"),
+        ("python train.py --max_steps=many", "expected a value of type int"),
+        ("python train.py --model.n_heads=5", "not divisible by n_heads"),
+        ("python train.py config/13b.py", "config file config/13b.py not found"),
+        ("python train.py --dryrun", "cannot read '--dryrun'"),
+        ("python data.py --input a --vocab_size 10", "unrecognized arguments: --vocab_size"),
+        ("python data.py --merge /x --part 3/2", "expected I/N"),
+        ("echo hi | python sample.py --prompt x", "the following arguments are required: --ckpt"),
+        ("python bench/bench_hf.py tail", "invalid choice: 'tail'"),
+        ("python no_such.py", "no script no_such.py"),
+        ("torchrun --nproc-per-node=2 --no-such-flag train.py", "unrecognized arguments"),
+        ("torchrun --standalone train.py --lr=fast", "expected a value of type float"),
+        ("pip install -r requirements-gpu.txt", "no file requirements-gpu.txt"),
+        ("python train.py --out_dir=$OUT", "without a stand-in"),
+        ("sbatch --wrap 'python data.py --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
+    ],
+)
 def test_a_wrong_command_is_reported(command, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_command(command)
 
 
 def test_a_wrong_reference_is_reported(tmp_path):
-    (tmp_path / "m.py").write_text("class A:\n    x: int = 1\n    def f(self): pass\ndef g(): pass\nY = 2\n")
-    text = "`m.py` `A.f`, `A.x` and `g`; `m.py` `Y`; `m.py` `A.h`, `k`; `n.py` `g`; [m](m.py) [n](n.py#top)"
+    (tmp_path / "m.py").write_text(
+        "class A:\n    x: int = 1\n    def f(self): pass\ndef g(): pass\nY = 2\n"
+    )
+    text = (
+        "`m.py` `A.f`, `A.x` and `g`; `m.py` `Y`; `m.py` `A.h`, `k`; `n.py` `g`; "
+        "[m](m.py) [n](n.py#top)"
+    )
     problems = [missing_reference(tmp_path, file, name) for file, name in code_references(text)]
-    assert problems == [None, None, None, None, "m.py: A has no h", "m.py defines no k", "n.py does not exist"]
+    assert problems == [
+        None,
+        None,
+        None,
+        None,
+        "m.py: A has no h",
+        "m.py defines no k",
+        "n.py does not exist",
+    ]
     assert links(text) == ["m.py", "n.py"]

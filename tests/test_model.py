@@ -17,8 +17,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import (IGNORE_INDEX, Attention, ModelConfig, RMSNorm, Transformer, apply_rope, rope_frequencies,
-                   rope_tables)
+from model import (
+    IGNORE_INDEX,
+    Attention,
+    ModelConfig,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    rope_frequencies,
+    rope_tables,
+)
 from tests import reference as ref
 
 settings.register_profile("model", max_examples=25, deadline=None, derandomize=True)
@@ -48,8 +56,15 @@ def randomize_(model, seed):
 
 
 def ref_cfg(c: ModelConfig):
-    return dict(n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.kv_heads, norm=c.norm,
-                norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_embeddings=c.tie_embeddings)
+    return dict(
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=c.kv_heads,
+        norm=c.norm,
+        norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_embeddings=c.tie_embeddings,
+    )
 
 
 @st.composite
@@ -75,8 +90,12 @@ def configs(draw, max_layers=2):
 # ---------------------------------------------------------------- components
 
 
-@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 4), st.integers(1, 8)),
-       start=st.integers(0, 50), theta=st.sampled_from([10000.0, 100.0]), seed=st.integers(0, 2**16))
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 4), st.integers(1, 8)),
+    start=st.integers(0, 50),
+    theta=st.sampled_from([10000.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_rope_matches_reference(shape, start, theta, seed):
     B, T, H, half = shape
     x = np.random.default_rng(seed).standard_normal((B, T, H, 2 * half))
@@ -86,8 +105,11 @@ def test_rope_matches_reference(shape, start, theta, seed):
     np.testing.assert_allclose(got.numpy(), want, **TOL)
 
 
-def meta_llama31_scaling(freqs, scale_factor=8, low_freq_factor=1, high_freq_factor=4, old_context_len=8192):
-    """Meta's apply_scaling from the Llama 3.1 reference code (llama_models/llama3/reference_impl/model.py)."""
+def meta_llama31_scaling(
+    freqs, scale_factor=8, low_freq_factor=1, high_freq_factor=4, old_context_len=8192
+):
+    """Meta's apply_scaling from the Llama 3.1 reference code
+    (llama_models/llama3/reference_impl/model.py)."""
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
     new_freqs = []
@@ -98,12 +120,16 @@ def meta_llama31_scaling(freqs, scale_factor=8, low_freq_factor=1, high_freq_fac
         elif wavelen > low_freq_wavelen:
             new_freqs.append(freq / scale_factor)
         else:
-            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
             new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
     return new_freqs
 
 
-@pytest.mark.parametrize("scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (4.0, 2.0, 8.0, 512)])
+@pytest.mark.parametrize(
+    "scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (4.0, 2.0, 8.0, 512)]
+)
 def test_llama3_rope_scaling_matches_meta(scaling):
     plain = rope_frequencies(128, 500000.0)
     scaled = rope_frequencies(128, 500000.0, scaling)
@@ -113,28 +139,49 @@ def test_llama3_rope_scaling_matches_meta(scaling):
     # all three bands occur: kept, divided by the factor, and blended in between
     kept, divided = scaled == plain, torch.isclose(scaled, plain / factor, rtol=1e-12)
     assert kept.any() and divided.any() and (~kept & ~divided).any()
-    config = ModelConfig(dim=256, n_heads=2, rope_theta=500000.0, rope_scale_factor=factor,
-                         rope_low_freq_factor=scaling[1], rope_high_freq_factor=scaling[2],
-                         rope_original_max_seq_len=scaling[3])
+    config = ModelConfig(
+        dim=256,
+        n_heads=2,
+        rope_theta=500000.0,
+        rope_scale_factor=factor,
+        rope_low_freq_factor=scaling[1],
+        rope_high_freq_factor=scaling[2],
+        rope_original_max_seq_len=scaling[3],
+    )
     model = Transformer(config)
-    torch.testing.assert_close(model.rope_cos, rope_tables(128, config.max_seq_len, 500000.0, scaling=scaling)[0])
-    assert not torch.equal(model.rope_cos, Transformer(ModelConfig(dim=256, n_heads=2, rope_theta=500000.0)).rope_cos)
-    assert ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None  # factor 1 = off
+    torch.testing.assert_close(
+        model.rope_cos, rope_tables(128, config.max_seq_len, 500000.0, scaling=scaling)[0]
+    )
+    assert not torch.equal(
+        model.rope_cos, Transformer(ModelConfig(dim=256, n_heads=2, rope_theta=500000.0)).rope_cos
+    )
+    assert (
+        ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None
+    )  # factor 1 = off
 
 
 def test_rope_is_relative():
     # q(p).k(s) must depend on p - s only: the point of rotary embeddings.
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     cos, sin = rope_tables(16, 64, 10000.0)
-    dots = [(apply_rope(q, cos[p : p + 1], sin[p : p + 1]) * apply_rope(k, cos[p - 3 : p - 2], sin[p - 3 : p - 2])).sum()
-            for p in (3, 20, 60)]
+    dots = [
+        (
+            apply_rope(q, cos[p : p + 1], sin[p : p + 1])
+            * apply_rope(k, cos[p - 3 : p - 2], sin[p - 3 : p - 2])
+        ).sum()
+        for p in (3, 20, 60)
+    ]
     torch.testing.assert_close(dots[0], dots[1], **TOL)
     torch.testing.assert_close(dots[0], dots[2], **TOL)
 
 
-@given(dims=st.tuples(st.integers(1, 3), st.integers(1, 7), st.integers(1, 48)),
-       scale=st.sampled_from([1e-2, 1.0, 1e2]), norm=st.sampled_from(["rmsnorm", "layernorm"]),
-       eps=st.sampled_from([1e-5, 1e-6]), seed=st.integers(0, 2**16))
+@given(
+    dims=st.tuples(st.integers(1, 3), st.integers(1, 7), st.integers(1, 48)),
+    scale=st.sampled_from([1e-2, 1.0, 1e2]),
+    norm=st.sampled_from(["rmsnorm", "layernorm"]),
+    eps=st.sampled_from([1e-5, 1e-6]),
+    seed=st.integers(0, 2**16),
+)
 def test_norms_match_reference(dims, scale, norm, eps, seed):
     rng = np.random.default_rng(seed)
     B, T, D = dims
@@ -151,7 +198,9 @@ def test_norms_match_reference(dims, scale, norm, eps, seed):
     got = m(torch.tensor(x, dtype=torch.float32))
     # float32 rounding of the input (relative 6e-8) is amplified by 1/std; layernorm of a
     # constant-ish row divides by ~eps, so compare with a tolerance relative to the output.
-    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(
+        got.detach().numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+    )
 
 
 def test_rmsnorm_keeps_dtype_and_computes_in_float32():
@@ -163,8 +212,13 @@ def test_rmsnorm_keeps_dtype_and_computes_in_float32():
     torch.testing.assert_close(y.float(), m(x.bfloat16().float()).bfloat16().float())
 
 
-@given(sizes=st.tuples(st.integers(1, 3), st.integers(1, 10)), kv=st.integers(1, 3), group=st.integers(1, 3),
-       half=st.integers(1, 8), seed=st.integers(0, 2**16))
+@given(
+    sizes=st.tuples(st.integers(1, 3), st.integers(1, 10)),
+    kv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
 def test_attention_matches_reference(sizes, kv, group, half, seed):
     B, T = sizes
     E, H = 2 * half, kv * group
@@ -179,8 +233,12 @@ def test_attention_matches_reference(sizes, kv, group, half, seed):
     got = attn(x, cos, sin)
 
     w, xn, pos = numpy_weights(attn), x.double().numpy(), np.arange(T)
-    q = ref.rope((xn @ w["wq.weight"].T).reshape(B, T, H, E), pos, cfg.rope_theta).transpose(0, 2, 1, 3)
-    k = ref.rope((xn @ w["wk.weight"].T).reshape(B, T, kv, E), pos, cfg.rope_theta).transpose(0, 2, 1, 3)
+    q = ref.rope((xn @ w["wq.weight"].T).reshape(B, T, H, E), pos, cfg.rope_theta).transpose(
+        0, 2, 1, 3
+    )
+    k = ref.rope((xn @ w["wk.weight"].T).reshape(B, T, kv, E), pos, cfg.rope_theta).transpose(
+        0, 2, 1, 3
+    )
     v = (xn @ w["wv.weight"].T).reshape(B, T, kv, E).transpose(0, 2, 1, 3)
     o = ref.attention(q, k, v).transpose(0, 2, 1, 3).reshape(B, T, H * E)
     np.testing.assert_allclose(got.detach().numpy(), o @ w["wo.weight"].T, **TOL)
@@ -189,14 +247,21 @@ def test_attention_matches_reference(sizes, kv, group, half, seed):
 def test_reference_attention_is_causal_and_grouped():
     # Guard the reference itself: with one key visible, a query returns that key's value.
     rng = np.random.default_rng(0)
-    q, k, v = rng.standard_normal((1, 4, 3, 2)), rng.standard_normal((1, 2, 3, 2)), rng.standard_normal((1, 2, 3, 2))
+    q, k, v = (
+        rng.standard_normal((1, 4, 3, 2)),
+        rng.standard_normal((1, 2, 3, 2)),
+        rng.standard_normal((1, 2, 3, 2)),
+    )
     out = ref.attention(q, k, v)
     np.testing.assert_allclose(out[:, :2, 0], np.repeat(v[:, :1, 0], 2, axis=1))
     np.testing.assert_allclose(out[:, 2:, 0], np.repeat(v[:, 1:, 0], 2, axis=1))
 
 
-@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 8), st.integers(2, 50)),
-       scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 2**16))
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 8), st.integers(2, 50)),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_loss_matches_reference(shape, scale, seed):
     # The loss is computed inside forward, so drive it through a model whose output we know:
     # compare model.forward's loss with the reference cross-entropy of model.forward's logits.
@@ -236,7 +301,9 @@ def loss_and_grads(model, tokens, targets, chunk_elements=None, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if chunk_elements is None:
             logits, _ = model(tokens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
         else:
             model.loss_chunk_elements = chunk_elements
             _, loss = model(tokens, targets)
@@ -244,15 +311,27 @@ def loss_and_grads(model, tokens, targets, chunk_elements=None, autocast=False):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("tie,autocast,checkpointing", [(False, False, False), (True, False, True),
-                                                        (False, True, False), (True, True, True)])
+@pytest.mark.parametrize(
+    "tie,autocast,checkpointing",
+    [(False, False, False), (True, False, True), (False, True, False), (True, True, True)],
+)
 def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
-    """Chunks of 7, 13 and 64 tokens (the last one short) over 2 x 24 tokens with some targets ignored.
-    Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale (a few ulp);
+    """Chunks of 7, 13 and 64 tokens (the last one short) over 2 x 24 tokens with some targets
+    ignored.
+    Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale (a few
+    ulp);
     a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16 autocast the
     gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's 4e-3."""
-    config = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
-                         tie_embeddings=tie, dropout=0.1)
+    config = ModelConfig(
+        vocab_size=96,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=24,
+        tie_embeddings=tie,
+        dropout=0.1,
+    )
     torch.manual_seed(0)
     model = randomize_(Transformer(config), 0).train()
     model.activation_checkpointing = checkpointing
@@ -264,12 +343,14 @@ def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
         scale = 1e-2 if autocast else 1e-6
         torch.testing.assert_close(loss, want_loss, rtol=scale, atol=0)
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=scale * want_grads[name].abs().max(),
-                                       msg=name)
+            torch.testing.assert_close(
+                grad, want_grads[name], rtol=0, atol=scale * want_grads[name].abs().max(), msg=name
+            )
 
 
 def test_chunked_loss_never_makes_the_whole_logits():
-    """Watch every tensor that forward and backward create: in one piece the biggest (tokens x vocab)
+    """Watch every tensor that forward and backward create: in one piece the biggest (tokens x
+    vocab)
     one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than 32."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -279,11 +360,20 @@ def test_chunked_loss_never_makes_the_whole_logits():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.size(-1) == 512 and t.size(-2) != 16:
-                    self.rows = max(self.rows, t.numel() // 512)  # logits-shaped, not the 512 x 16 weight
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.dim() >= 2
+                    and t.size(-1) == 512
+                    and t.size(-2) != 16
+                ):
+                    self.rows = max(
+                        self.rows, t.numel() // 512
+                    )  # logits-shaped, not the 512 x 16 weight
             return out
 
-    model = Transformer(ModelConfig(vocab_size=512, dim=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=64))
+    model = Transformer(
+        ModelConfig(vocab_size=512, dim=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=64)
+    )
     tokens = torch.randint(0, 512, (4, 64))
     for chunk_elements, rows in ((1 << 30, 256), (32 * 512, 32)):
         model.loss_chunk_elements = chunk_elements
@@ -297,7 +387,11 @@ def test_chunked_loss_never_makes_the_whole_logits():
 # ---------------------------------------------------------------- whole model
 
 
-@given(config=configs(), bt=st.tuples(st.integers(1, 3), st.integers(1, 16)), seed=st.integers(0, 2**16))
+@given(
+    config=configs(),
+    bt=st.tuples(st.integers(1, 3), st.integers(1, 16)),
+    seed=st.integers(0, 2**16),
+)
 def test_model_matches_reference(config, bt, seed):
     B, T = bt
     torch.manual_seed(seed)
@@ -312,7 +406,9 @@ def test_model_matches_reference(config, bt, seed):
     want = ref.forward(numpy_weights(model), tokens.numpy(), ref_cfg(config))
     np.testing.assert_allclose(logits.detach().numpy(), want, **MODEL_TOL)
     if T > 1:
-        np.testing.assert_allclose(loss.item(), ref.cross_entropy(want, targets.numpy(), IGNORE_INDEX), **MODEL_TOL)
+        np.testing.assert_allclose(
+            loss.item(), ref.cross_entropy(want, targets.numpy(), IGNORE_INDEX), **MODEL_TOL
+        )
     else:
         assert loss.isnan()  # nothing to average over
 
@@ -326,8 +422,14 @@ def test_forward_without_targets_returns_no_loss():
 @pytest.mark.parametrize("n_kv_heads", [None, 1])
 def test_future_tokens_do_not_change_past_logits(n_kv_heads):
     torch.manual_seed(0)
-    model = randomize_(Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4,
-                                               n_kv_heads=n_kv_heads, max_seq_len=32)), 0)
+    model = randomize_(
+        Transformer(
+            ModelConfig(
+                vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=32
+            )
+        ),
+        0,
+    )
     tokens = torch.randint(0, 50, (2, 32))
     logits, _ = model(tokens)
     for j in (0, 7, 31):
@@ -338,10 +440,20 @@ def test_future_tokens_do_not_change_past_logits(n_kv_heads):
         assert not torch.allclose(new[:, j], logits[:, j])
 
 
-@pytest.mark.parametrize("n_kv_heads,norm,prompt", [(None, "rmsnorm", 1), (2, "layernorm", 5), (1, "rmsnorm", 11)])
+@pytest.mark.parametrize(
+    "n_kv_heads,norm,prompt", [(None, "rmsnorm", 1), (2, "layernorm", 5), (1, "rmsnorm", 11)]
+)
 def test_kv_cache_decoding_matches_full_forward(n_kv_heads, norm, prompt):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, dim=48, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, norm=norm, max_seq_len=24)
+    config = ModelConfig(
+        vocab_size=64,
+        dim=48,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        norm=norm,
+        max_seq_len=24,
+    )
     model = randomize_(Transformer(config), 1).eval()
     tokens = torch.randint(0, 64, (3, 20))
     full, _ = model(tokens)
@@ -358,8 +470,12 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_heads, norm, prompt):
 
 def test_kv_cache_chunked_prefill_and_smaller_batch():
     torch.manual_seed(0)
-    model = randomize_(Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                               max_seq_len=32)), 2).eval()
+    model = randomize_(
+        Transformer(
+            ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+        ),
+        2,
+    ).eval()
     tokens = torch.randint(0, 64, (2, 16))
     full, _ = model(tokens)
     model.setup_kv_cache(batch_size=4, max_seq_len=16, dtype=torch.float32)
@@ -389,15 +505,23 @@ def test_kv_cache_errors():
 
 def test_gradcheck_float64():
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=7, dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=12, max_seq_len=5)
+    config = ModelConfig(
+        vocab_size=7, dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=12, max_seq_len=5
+    )
     model = randomize_(Transformer(config), 3).double()
     tokens, targets = torch.randint(0, 7, (2, 5)), torch.randint(0, 7, (2, 5))
     targets[0, 1] = IGNORE_INDEX
-    names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.attention_norm.weight"]
+    names = [
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "layers.1.attention_norm.weight",
+    ]
     params = dict(model.named_parameters())
 
     def loss_fn(*tensors):
-        return torch.func.functional_call(model, {**params, **dict(zip(names, tensors))}, (tokens, targets))[1]
+        return torch.func.functional_call(
+            model, {**params, **dict(zip(names, tensors))}, (tokens, targets)
+        )[1]
 
     inputs = [params[n].detach().clone().requires_grad_() for n in names]
     assert torch.autograd.gradcheck(loss_fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -405,7 +529,9 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_activation_checkpointing_matches_plain(dropout):
-    config = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, dropout=dropout)
+    config = ModelConfig(
+        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, dropout=dropout
+    )
     torch.manual_seed(0)
     model = Transformer(config).train()
     tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
@@ -426,7 +552,9 @@ def test_activation_checkpointing_matches_plain(dropout):
 
 
 def test_dropout_only_in_training():
-    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.5))
+    model = Transformer(
+        ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.5)
+    )
     tokens = torch.randint(0, 32, (2, 8))
     assert not torch.equal(model(tokens)[0], model(tokens)[0])
     model.eval()
@@ -467,7 +595,11 @@ def test_init_weights_after_to_empty(tie):
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
-    assert model.output.weight is model.tok_embeddings.weight if tie else model.output.weight is not model.tok_embeddings.weight
+    assert (
+        model.output.weight is model.tok_embeddings.weight
+        if tie
+        else model.output.weight is not model.tok_embeddings.weight
+    )
     residual_std = 0.02 / math.sqrt(2 * config.n_layers)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
@@ -477,7 +609,9 @@ def test_init_weights_after_to_empty(tie):
             assert torch.equal(p, torch.ones_like(p)), name
         else:
             std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            assert abs(p.mean().item()) < 1e-3 and p.std().item() == pytest.approx(std, rel=0.05), name
+            assert abs(p.mean().item()) < 1e-3 and p.std().item() == pytest.approx(std, rel=0.05), (
+                name
+            )
     fresh_cos, fresh_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     torch.testing.assert_close(model.rope_cos, fresh_cos, atol=0, rtol=0)
     torch.testing.assert_close(model.rope_sin, fresh_sin, atol=0, rtol=0)
@@ -486,7 +620,9 @@ def test_init_weights_after_to_empty(tie):
     assert model.rope_cos[100, i].item() == pytest.approx(math.cos(angle), abs=1e-7)
     assert model.rope_sin[100, i].item() == pytest.approx(math.sin(angle), abs=1e-7)
     assert "rope_cos" not in model.state_dict()
-    model.to(torch.bfloat16)  # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    model.to(
+        torch.bfloat16
+    )  # as sample.py does on a GPU: the weights change dtype, the rotation must not
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.rope_cos, fresh_cos, atol=0, rtol=0)
     torch.testing.assert_close(model.rope_sin, fresh_sin, atol=0, rtol=0)
@@ -499,18 +635,21 @@ def test_default_hidden_dim_rule():
     assert ModelConfig(n_kv_heads=2).kv_heads == 2 and ModelConfig().kv_heads == 8
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dim=100, n_heads=8), "divisible by n_heads"),
-    (dict(dim=24, n_heads=8), "even"),
-    (dict(n_heads=8, n_kv_heads=3), "divisible by n_kv_heads"),
-    (dict(n_kv_heads=0), "n_kv_heads must be positive"),
-    (dict(norm="batchnorm"), "norm must be"),
-    (dict(vocab_size=0), "vocab_size must be positive"),
-    (dict(n_layers=-1), "n_layers must be positive"),
-    (dict(max_seq_len=0), "max_seq_len must be positive"),
-    (dict(ffn_hidden=0), "ffn_hidden must be positive"),
-    (dict(dropout=1.0), "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dim=100, n_heads=8), "divisible by n_heads"),
+        (dict(dim=24, n_heads=8), "even"),
+        (dict(n_heads=8, n_kv_heads=3), "divisible by n_kv_heads"),
+        (dict(n_kv_heads=0), "n_kv_heads must be positive"),
+        (dict(norm="batchnorm"), "norm must be"),
+        (dict(vocab_size=0), "vocab_size must be positive"),
+        (dict(n_layers=-1), "n_layers must be positive"),
+        (dict(max_seq_len=0), "max_seq_len must be positive"),
+        (dict(ffn_hidden=0), "ffn_hidden must be positive"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
@@ -518,9 +657,19 @@ def test_config_validation(kwargs, match):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_from_state_dict_reproduces_the_model(tie):
-    config = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, tie_embeddings=tie)
+    config = ModelConfig(
+        vocab_size=50,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=16,
+        tie_embeddings=tie,
+    )
     source = randomize_(Transformer(config), seed=3).eval()
-    loaded = Transformer.from_state_dict(config, {k: v.clone() for k, v in source.state_dict().items()}).eval()
+    loaded = Transformer.from_state_dict(
+        config, {k: v.clone() for k, v in source.state_dict().items()}
+    ).eval()
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
     tokens = torch.randint(0, 50, (2, 16))

@@ -1,4 +1,5 @@
 import argparse
+import base64
 import itertools
 import json
 import pickle
@@ -14,9 +15,12 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra import tokenizer_train
-from tests.reference_bpe import train_merges
-from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError, _splitter, main, parse_size
+import tokenizer
+from infra import bpe_train
+from infra.fast_encode import ASCII_FORMS, cut_points, encode_batch, splitter
+from infra.tokenizer_cli import main, parse_size
+from infra.tokenizers import load_tokenizer
+from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -32,7 +36,9 @@ def tok():
 
 # ----------------------------------------------------------------------------- round trips
 
-weird = st.lists(st.sampled_from(list("ab Z'sl\r\n\t 09中文字😀é\u00a0\u3000,.!?") + ["'ll", "\r\n", "   "])).map("".join)
+weird = st.lists(
+    st.sampled_from(list("ab Z'sl\r\n\t 09中文字😀é\u00a0\u3000,.!?") + ["'ll", "\r\n", "   "])
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
@@ -68,16 +74,21 @@ def test_decode_rejects_bad_ids(tok):
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(max_codepoint=127)))
 def test_ascii_fast_split_matches_regex(s):
-    assert _splitter(GPT4_SPLIT_PATTERN)(s) == regex.findall(GPT4_SPLIT_PATTERN, s)
+    assert GPT4_SPLIT_PATTERN in ASCII_FORMS  # the default pattern has its fast form
+    for pattern in ASCII_FORMS:
+        assert splitter(pattern)(s) == regex.findall(pattern, s)
 
 
-lines = st.lists(st.one_of(weird, st.text(alphabet=st.characters(max_codepoint=127)), st.just("\n"))).map("".join)
+lines = st.lists(
+    st.one_of(weird, st.text(alphabet=st.characters(max_codepoint=127)), st.just("\n"))
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(lines, st.text()))
 def test_mixed_fast_split_matches_regex(s):
-    assert _splitter(GPT4_SPLIT_PATTERN)(s) == regex.findall(GPT4_SPLIT_PATTERN, s)
+    for pattern in ASCII_FORMS:
+        assert splitter(pattern)(s) == regex.findall(pattern, s)
 
 
 def test_compresses(tok):
@@ -86,6 +97,7 @@ def test_compresses(tok):
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def test_hand_worked_merges():
     # "aaabdaaabac" is one piece. Pair counts: aa 4, ab 2, the rest 1 -> merge (a, a) = 256;
@@ -112,21 +124,27 @@ def naive_merges(text, n_merges):
     """minbpe's algorithm, recounting every pair of every piece for each merge, with the same
     tie-break (highest count, then the smallest id pair) and the same rule for a pair whose bytes
     are already a token (skipped, as tiktoken maps bytes to one id)."""
-    words = {tuple(piece.encode()): count for piece, count in Counter(regex.findall(GPT4_SPLIT_PATTERN, text)).items()}
+    words = {
+        tuple(piece.encode()): count
+        for piece, count in Counter(regex.findall(GPT4_SPLIT_PATTERN, text)).items()
+    }
     vocab, merges = [bytes([i]) for i in range(256)], []
     while len(merges) < n_merges:
         pairs = Counter()
         for word, count in words.items():
             for pair in zip(word, word[1:]):
                 pairs[pair] += count
-        a, b = min((p for p in pairs if vocab[p[0]] + vocab[p[1]] not in vocab), key=lambda p: (-pairs[p], p))
+        a, b = min(
+            (p for p in pairs if vocab[p[0]] + vocab[p[1]] not in vocab),
+            key=lambda p: (-pairs[p], p),
+        )
         new, merges = len(vocab), merges + [(a, b)]
         vocab.append(vocab[a] + vocab[b])
         merged = {}
         for word, count in words.items():
             out, i = [], 0
             while i < len(word):
-                if word[i:i + 2] == (a, b):
+                if word[i : i + 2] == (a, b):
                     out.append(new)
                     i += 2
                 else:
@@ -140,48 +158,65 @@ def naive_merges(text, n_merges):
 @settings(max_examples=25, deadline=None)
 @given(st.text(alphabet="ab c\n中文1", min_size=30, max_size=300), st.integers(1, 40))
 def test_training_equals_naive_recount_on_random_text_under_any_budget(text, n_merges):
-    """memory_budget=1: the sample is the first text, and the tracked pairs are always over budget."""
+    """memory_budget=1: the sample is the first text, and the tracked pairs are always over
+    budget."""
     try:
         expected = naive_merges(text, n_merges)
     except ValueError:  # min() of no pairs: the text allows fewer merges
         return
     assert Tokenizer.train(text, 256 + n_merges, special_tokens=()).merges == expected
-    assert Tokenizer.train([text, "never read"], 256 + n_merges, special_tokens=(), memory_budget=1).merges == expected
+    assert bpe_train.train_tokenizer(text, 256 + n_merges, special_tokens=()).merges == expected
+    assert (
+        bpe_train.train_merges(
+            [text, "never read"], n_merges, GPT4_SPLIT_PATTERN, [], memory_budget=1
+        )
+        == expected
+    )
 
 
 def test_incremental_training_equals_naive_recount_on_real_text():
     text = CORPUS[:15_000] + "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
     assert Tokenizer.train(text, 256 + 150, special_tokens=()).merges == naive_merges(text, 150)
+    assert bpe_train.train_tokenizer(text, 256 + 150, special_tokens=()).merges == naive_merges(
+        text, 150
+    )
 
 
-def test_training_is_deterministic():
-    a = Tokenizer.train(CORPUS[:50_000], 600)
-    b = Tokenizer.train(iter([CORPUS[:25_000], CORPUS[25_000:50_000]]), 600)
-    c = Tokenizer.train(CORPUS[:50_000], 600)
+@pytest.mark.parametrize("train", [Tokenizer.train, bpe_train.train_tokenizer])
+def test_training_is_deterministic(train):
+    a = train(CORPUS[:50_000], 600)
+    b = train(iter([CORPUS[:25_000], CORPUS[25_000:50_000]]), 600)
+    c = train(CORPUS[:50_000], 600)
     assert a.merges == c.merges
     assert len(b.merges) == len(a.merges)
 
 
-def test_special_tokens_are_cut_out_of_training_text():
-    tok = Tokenizer.train(("xy" + EOT) * 50, vocab_size=256 + 1 + 1)
+@pytest.mark.parametrize("train", [Tokenizer.train, bpe_train.train_tokenizer])
+def test_special_tokens_are_cut_out_of_training_text(train):
+    tok = train(("xy" + EOT) * 50, vocab_size=256 + 1 + 1)
     assert tok.merges == [(120, 121)]  # no pair from "<|endoftext|>" was counted
 
 
 def test_max_bytes_limits_the_sample():
-    full = Tokenizer.train(["ab" * 100, "cd" * 1000], 257, special_tokens=())
-    sample = Tokenizer.train(["ab" * 100, "cd" * 1000], 257, special_tokens=(), max_bytes=210)
+    full = bpe_train.train_tokenizer(["ab" * 100, "cd" * 1000], 257, special_tokens=())
+    sample = bpe_train.train_tokenizer(
+        ["ab" * 100, "cd" * 1000], 257, special_tokens=(), max_bytes=210
+    )
     assert full.merges == [(99, 100)] and sample.merges == [(97, 98)]
 
 
-def test_training_errors():
+@pytest.mark.parametrize("train", [Tokenizer.train, bpe_train.train_tokenizer])
+def test_training_errors(train):
     with pytest.raises(ValueError, match="vocab_size 200 is too small: needs at least 257"):
-        Tokenizer.train(CORPUS[:1000], 200)
+        train(CORPUS[:1000], 200)
     with pytest.raises(ValueError, match="training text is empty"):
-        Tokenizer.train("", 300)
+        train("", 300)
     with pytest.raises(ValueError, match="training text is empty"):
-        Tokenizer.train([], 300)
+        train([], 300)
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
-        Tokenizer.train(CORPUS[:1000], 300, memory_budget=0)
+        bpe_train.train_merges([CORPUS[:1000]], 300, GPT4_SPLIT_PATTERN, [], memory_budget=0)
+    with pytest.raises(TokenizerError, match="too small to hold a useful sample"):
+        bpe_train.train_tokenizer(CORPUS[:1000], 300, memory_budget=bpe_train.MIN_MEMORY_BUDGET - 1)
 
 
 def chinese_like(n_chars, seed):
@@ -200,13 +235,24 @@ def chinese_like(n_chars, seed):
 
 @pytest.fixture(scope="module")
 def zh():
-    return SHARED_ZH.read_text(encoding="utf-8")[:120_000] if SHARED_ZH.exists() else chinese_like(120_000, 0)
+    return (
+        SHARED_ZH.read_text(encoding="utf-8")[:120_000]
+        if SHARED_ZH.exists()
+        else chinese_like(120_000, 0)
+    )
 
 
-def test_training_equals_the_previous_trainer(zh):
-    """Same merges as the trainer this one replaced (tests/reference_bpe.py) on the same text."""
+def readable_merges(texts, n_merges):
+    """The merges of the readable trainer, tokenizer.py's Tokenizer.train."""
+    return Tokenizer.train(texts, 256 + n_merges, special_tokens=()).merges
+
+
+def test_bounded_memory_trainer_equals_the_readable_one(zh):
+    """infra/bpe_train.py learns the merges of Tokenizer.train on the same text."""
     texts = [CORPUS[:200_000], zh, MIXED]
-    assert Tokenizer.train(texts, 256 + 1500, special_tokens=()).merges == train_merges(texts, 1500, GPT4_SPLIT_PATTERN)
+    assert bpe_train.train_tokenizer(
+        texts, 256 + 1500, special_tokens=()
+    ).merges == readable_merges(texts, 1500)
 
 
 def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monkeypatch):
@@ -215,29 +261,42 @@ def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monke
     table) when the merges come down to their counts. Small blocks and slices, so that every
     path runs on a small text. The merges stay the same."""
     texts = [CORPUS[:60_000], zh[:30_000]]
-    monkeypatch.setattr(tokenizer_train, "_BLOCK", 1 << 12)
-    monkeypatch.setattr(tokenizer_train, "_SLICE", 1 << 10)
-    sample, _ = tokenizer_train._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer_train.DEFAULT_MEMORY_BUDGET)
-    monkeypatch.setattr(tokenizer_train, "_BYTES_PER_OCCURRENCE", 0)  # so that only the pairs' memory varies
-    pairs = tokenizer_train._Pairs(sample, 2000, memory_budget=1)
+    monkeypatch.setattr(bpe_train, "_BLOCK", 1 << 12)
+    monkeypatch.setattr(bpe_train, "_SLICE", 1 << 10)
+    sample, _ = bpe_train._count_pieces(
+        texts, GPT4_SPLIT_PATTERN, [], None, bpe_train.DEFAULT_MEMORY_BUDGET
+    )
+    monkeypatch.setattr(
+        bpe_train, "_BYTES_PER_OCCURRENCE", 0
+    )  # so that only the pairs' memory varies
+    pairs = bpe_train._Pairs(sample, 2000, memory_budget=1)
     pairs.index()
-    pairs.budget = pairs.memory() - pairs.where_bytes + (1 << 16)  # 64 KB for the positions of pairs
+    pairs.budget = (
+        pairs.memory() - pairs.where_bytes + (1 << 16)
+    )  # 64 KB for the positions of pairs
     indexed = []
-    index_part = tokenizer_train._Pairs._index_part
-    monkeypatch.setattr(tokenizer_train._Pairs, "_index_part",
-                        lambda self, part, n_parts, dense: indexed.append((n_parts, dense)) or index_part(self, part, n_parts, dense))
-    merges = tokenizer_train._learn_merges(pairs, 1700, False)
+    index_part = bpe_train._Pairs._index_part
+    monkeypatch.setattr(
+        bpe_train._Pairs,
+        "_index_part",
+        lambda self, part, n_parts, dense: (
+            indexed.append((n_parts, dense)) or index_part(self, part, n_parts, dense)
+        ),
+    )
+    merges = bpe_train._learn_merges(pairs, 1700, False)
     assert {dense for _, dense in indexed} == {True, False} and max(n for n, _ in indexed) > 1
-    assert merges == train_merges(texts, 1700, GPT4_SPLIT_PATTERN)
+    assert merges == readable_merges(texts, 1700)
 
 
 def test_training_with_ids_past_16_bits_and_pieces_past_64_kb(zh):
     """Vocabularies over 65,536 ids and pieces over 65,535 bytes take wider arrays."""
     texts = [CORPUS[:30_000], zh[:10_000], "a" * 70_000]
-    sample, _ = tokenizer_train._count_pieces(texts, GPT4_SPLIT_PATTERN, [], None, tokenizer_train.DEFAULT_MEMORY_BUDGET)
-    pairs = tokenizer_train._Pairs(sample, 1 << 17, tokenizer_train.DEFAULT_MEMORY_BUDGET)
+    sample, _ = bpe_train._count_pieces(
+        texts, GPT4_SPLIT_PATTERN, [], None, bpe_train.DEFAULT_MEMORY_BUDGET
+    )
+    pairs = bpe_train._Pairs(sample, 1 << 17, bpe_train.DEFAULT_MEMORY_BUDGET)
     assert pairs.tok.dtype == pairs.span.dtype == "int32"
-    assert tokenizer_train._learn_merges(pairs, 300, False) == train_merges(texts, 300, GPT4_SPLIT_PATTERN)
+    assert bpe_train._learn_merges(pairs, 300, False) == readable_merges(texts, 300)
 
 
 def test_memory_budget_bounds_training_on_an_endless_corpus(monkeypatch, capsys):
@@ -250,36 +309,37 @@ def test_memory_budget_bounds_training_on_an_endless_corpus(monkeypatch, capsys)
             read.append(chinese_like(20_000, seed))
             yield read[-1]
 
-    merge = tokenizer_train._Pairs.merge
+    merge = bpe_train._Pairs.merge
 
     def traced_merge(self, key, new):
         merge(self, key, new)
         accounted.append((tracemalloc.get_traced_memory()[0] - baseline, self.memory()))
 
-    monkeypatch.setattr(tokenizer_train._Pairs, "merge", traced_merge)
+    monkeypatch.setattr(bpe_train._Pairs, "merge", traced_merge)
     tracemalloc.start()
     try:
         baseline = tracemalloc.get_traced_memory()[0]
-        Tokenizer.train(endless(), 256 + 600, memory_budget=budget, verbose=True)
+        bpe_train.train_tokenizer(endless(), 256 + 600, memory_budget=budget, verbose=True)
         peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:
         tracemalloc.stop()
     assert "stopped at the memory budget (48 MiB)" in capsys.readouterr().out
     kept = sum(len(text.encode()) for text in read)
-    assert budget / 2 < tokenizer_train._training_memory(kept, kept / 20) < 1.2 * budget
+    assert budget / 2 < bpe_train._training_memory(kept, kept / 20) < 1.2 * budget
     assert all(traced <= estimate for traced, estimate in accounted)
     assert peak <= budget
 
 
 def test_huge_texts_are_read_in_parts():
     text = (CORPUS[:50_000] + ZH + "   \n\n  x") * 8
-    parts = list(tokenizer_train._parts([text, "b"], GPT4_SPLIT_PATTERN, size=10_000))
+    parts = list(bpe_train._parts([text, "b"], GPT4_SPLIT_PATTERN, size=10_000))
     assert "".join(parts) == text + "b" and 30 < len(parts) < 60
-    split = _splitter(GPT4_SPLIT_PATTERN)
+    split = splitter(GPT4_SPLIT_PATTERN)
     assert [piece for part in parts[:-1] for piece in split(part)] == split(text)
 
 
 # ----------------------------------------------------------------------------- special tokens
+
 
 def test_special_tokens(tok):
     text = f"end{EOT}start"
@@ -310,6 +370,7 @@ def test_eot_missing():
 
 # ----------------------------------------------------------------------------- files
 
+
 def test_save_load(tok, tmp_path):
     path = tmp_path / "sub" / "tok.json"
     tok.save(path)
@@ -322,16 +383,21 @@ def test_save_load(tok, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["tok.json"]  # no temp file left behind
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x00\xff garbage", "not valid JSON"),
-    (None, "not valid JSON"),  # truncated
-    (json.dumps({"version": "1.0", "model": {"type": "WordPiece", "vocab": {}}}).encode(),
-     "model type WordPiece .* is not supported"),
-    (b"[1, 2]", "not a minillama-bpe tokenizer file"),
-    (None, "version 3 is not supported"),
-    (None, "merge 1 is"),
-    (None, "special token ids must follow"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\xff garbage", "not valid JSON"),
+        (None, "not valid JSON"),  # truncated
+        (
+            json.dumps({"version": "1.0", "model": {"type": "WordPiece", "vocab": {}}}).encode(),
+            "model type WordPiece .* is not supported",
+        ),
+        (b"[1, 2]", "not a minillama-bpe tokenizer file"),
+        (None, "version 3 is not supported"),
+        (None, "merge 1 is"),
+        (None, "special token ids must follow"),
+    ],
+)
 def test_load_rejects_bad_files(tok, tmp_path, content, message):
     good = tmp_path / "good.json"
     tok.save(good)
@@ -347,35 +413,55 @@ def test_load_rejects_bad_files(tok, tmp_path, content, message):
     bad = tmp_path / "bad.json"
     bad.write_bytes(content)
     with pytest.raises(TokenizerError, match=message) as e:
-        Tokenizer.load(bad)
+        load_tokenizer(bad)
     assert "\n" not in str(e.value)
-    with pytest.raises(TokenizerError, match="cannot read"):
-        Tokenizer.load(tmp_path / "missing.json")
+    if "WordPiece" not in message:  # a file of this project's format: the core says the same
+        with pytest.raises(TokenizerError, match=message):
+            Tokenizer.load(bad)
+    for load in (load_tokenizer, Tokenizer.load):
+        with pytest.raises(TokenizerError, match="cannot read"):
+            load(tmp_path / "missing.json")
 
 
-# ----------------------------------------------------------------------------- batch, interop, input
+# --------------------------------------------------------------------------- batch, interop, input
+
 
 def test_encode_batch_matches_encode(tok):
     lines = CORPUS.splitlines(keepends=True)
-    texts = ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)] + [ZH * 10, f"a{EOT}b", ""]
+    texts = ["".join(lines[i : i + 40]) for i in range(0, len(lines), 40)] + [
+        ZH * 10,
+        f"a{EOT}b",
+        "",
+    ]
     assert sum(map(len, texts)) > 1 << 20  # big enough to really use the workers
-    assert tok.encode_batch(texts, num_workers=2, allowed_special="all") == \
-        [tok.encode(t, allowed_special="all") for t in texts]
-    assert tok.encode_batch(texts[:3], num_workers=1) == [tok.encode(t) for t in texts[:3]]
+    assert encode_batch(tok, texts, num_workers=2, allowed_special="all") == [
+        tok.encode(t, allowed_special="all") for t in texts
+    ]
+    assert encode_batch(tok, texts[:3], num_workers=1) == [tok.encode(t) for t in texts[:3]]
 
 
 def test_tiktoken_interop(tok):
     tiktoken = pytest.importorskip("tiktoken")
-    enc = tiktoken.Encoding(name="x", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
-                            special_tokens=tok.special_tokens)
+    enc = tiktoken.Encoding(
+        name="x",
+        pat_str=tok.pattern,
+        mergeable_ranks=tok.mergeable_ranks,
+        special_tokens=tok.special_tokens,
+    )
     for text in [CORPUS[:400_000], ZH, MIXED, "aaabdaaabac  \n\n x"]:
         assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
-    assert tok.encode(EOT + "hi", allowed_special="all") == enc.encode(EOT + "hi", allowed_special="all")
+    assert tok.encode(EOT + "hi", allowed_special="all") == enc.encode(
+        EOT + "hi", allowed_special="all"
+    )
     if SHARED_ZH.exists():
         zh = SHARED_ZH.read_text(encoding="utf-8")[:20_000]
         zh_tok = Tokenizer.train(zh, 1500)
-        zh_enc = tiktoken.Encoding(name="zh", pat_str=zh_tok.pattern, mergeable_ranks=zh_tok.mergeable_ranks,
-                                   special_tokens=zh_tok.special_tokens)
+        zh_enc = tiktoken.Encoding(
+            name="zh",
+            pat_str=zh_tok.pattern,
+            mergeable_ranks=zh_tok.mergeable_ranks,
+            special_tokens=zh_tok.special_tokens,
+        )
         held_out = SHARED_ZH.read_text(encoding="utf-8")[20_000:30_000] + ZH
         assert zh_tok.encode_ordinary(held_out) == zh_enc.encode_ordinary(held_out)
         assert tok.encode_ordinary(held_out) == enc.encode_ordinary(held_out)
@@ -383,46 +469,206 @@ def test_tiktoken_interop(tok):
 
 def test_cli(tmp_path, capsys):
     (tmp_path / "in.txt").write_text(CORPUS[:30_000])
-    main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "400", "--out", str(tmp_path / "t.json")])
+    main(
+        [
+            "--input",
+            str(tmp_path / "in.txt"),
+            "--vocab-size",
+            "400",
+            "--out",
+            str(tmp_path / "t.json"),
+        ]
+    )
     assert "bytes/token" in capsys.readouterr().out
     assert Tokenizer.load(tmp_path / "t.json").vocab_size == 400
     (tmp_path / "zh.txt").write_text(chinese_like(150_000, 1))
-    main(["--input", str(tmp_path / "zh.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json"),
-          "--memory-budget", "24M"])
+    main(
+        [
+            "--input",
+            str(tmp_path / "zh.txt"),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "t.json"),
+            "--memory-budget",
+            "24M",
+        ]
+    )
     assert "stopped at the memory budget (24 MiB)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json"),
-              "--memory-budget", "lots"])
+        main(
+            [
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "t.json"),
+                "--memory-budget",
+                "lots",
+            ]
+        )
     with pytest.raises(SystemExit, match="error: vocab_size 10 is too small"):
-        main(["--input", str(tmp_path / "in.txt"), "--vocab-size", "10", "--out", str(tmp_path / "u.json")])
+        main(
+            [
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--vocab-size",
+                "10",
+                "--out",
+                str(tmp_path / "u.json"),
+            ]
+        )
 
 
 def test_cli_samples_every_file_of_a_folder(tmp_path, capsys):
-    """--max-bytes of a third of the folder: a prefix would be the English file alone; the sample takes from both."""
+    """--max-bytes of a third of the folder: a prefix would be the English file alone; the sample
+    takes from both."""
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a_english.txt").write_text(CORPUS[:60_000])
     (folder / "b_chinese.txt").write_text(chinese_like(20_000, 2))
     total = sum(len(f.read_bytes()) for f in folder.iterdir())
-    main(["--input", str(folder), "--vocab-size", "600", "--out", str(tmp_path / "t.json"), "--max-bytes", str(total // 3)])
+    main(
+        [
+            "--input",
+            str(folder),
+            "--vocab-size",
+            "600",
+            "--out",
+            str(tmp_path / "t.json"),
+            "--max-bytes",
+            str(total // 3),
+        ]
+    )
     assert "stopped at max_bytes" in capsys.readouterr().out
-    tokens = [token.decode("utf-8", "ignore") for token in Tokenizer.load(tmp_path / "t.json").mergeable_ranks][256:]
+    tokens = [
+        token.decode("utf-8", "ignore")
+        for token in Tokenizer.load(tmp_path / "t.json").mergeable_ranks
+    ][256:]
     assert any("\u4e00" <= c <= "\u9fff" for token in tokens for c in token)
     assert any(token.strip().isascii() and token.strip().isalpha() for token in tokens)
 
 
 def test_memory_budget_sizes():
-    assert [parse_size(s) for s in ("512M", "2G", "1.5g", "64KiB", "1000")] == [512 << 20, 2 << 30, 3 << 29, 64 << 10, 1000]
+    assert [parse_size(s) for s in ("512M", "2G", "1.5g", "64KiB", "1000")] == [
+        512 << 20,
+        2 << 30,
+        3 << 29,
+        64 << 10,
+        1000,
+    ]
     for bad in ("", "2X", "-1G", "G"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
             parse_size(bad)
 
 
 def test_the_tokenizer_benchmark_skips_the_corpora_it_cannot_find(tmp_path):
-    """bench/bench_tokenizer.py without ../shared/data (a fresh clone): the bundled corpus only, and a message."""
-    result = subprocess.run([sys.executable, "bench/bench_tokenizer.py", f"--data-dir={tmp_path}", "--runs=1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """bench/bench_tokenizer.py without ../shared/data (a fresh clone): the bundled corpus only,
+    and a message."""
+    result = subprocess.run(
+        [sys.executable, "bench/bench_tokenizer.py", f"--data-dir={tmp_path}", "--runs=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"skipping what needs {tmp_path / 'chinese_poetry.txt'}" in result.stdout
     assert "tinyshakespeare.txt" in result.stdout
-    assert "peps.jsonl" not in result.stdout.replace(str(tmp_path / "peps.jsonl"), "")  # named only as missing
+    assert "peps.jsonl" not in result.stdout.replace(
+        str(tmp_path / "peps.jsonl"), ""
+    )  # named only as missing
+
+
+# ---------------------------------------------------------------------- refusals, files by content
+
+
+def run_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    """`python tokenizer.py --input (30 KB of Shakespeare) --vocab-size 300 ARGS`, a new process."""
+    (tmp_path / "in.txt").write_text(CORPUS[:30_000])
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tokenizer.py"),
+            "--input",
+            str(tmp_path / "in.txt"),
+            "--vocab-size",
+            "300",
+            *args,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_tokenizer_file_is_recognised_by_its_content_not_its_name(tmp_path):
+    """`python tokenizer.py --out tok.model` writes this project's JSON under a name that
+    SentencePiece models also use: loading it reads what it holds."""
+    result = run_cli(tmp_path, "--out", "tok.model")
+    assert result.returncode == 0, result.stderr
+    tok = load_tokenizer(tmp_path / "tok.model")
+    assert tok.encode(CORPUS[:2000]) == Tokenizer.load(tmp_path / "tok.model").encode(CORPUS[:2000])
+    assert tok.vocab_size == 300
+    (tmp_path / "ranks.json").write_text(
+        "".join(  # a tiktoken ranks file named .json
+            f"{base64.b64encode(t).decode()} {r}\n" for t, r in tok.mergeable_ranks.items()
+        )
+    )
+    (tmp_path / "tiktoken_config.json").write_text(
+        json.dumps({"pattern": tok.pattern, "special_tokens": tok.special_tokens})
+    )
+    assert load_tokenizer(tmp_path / "ranks.json").encode(CORPUS[:2000]) == tok.encode(
+        CORPUS[:2000]
+    )
+    (tmp_path / "sp.json").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    with pytest.raises(TokenizerError, match="is a SentencePiece model"):
+        load_tokenizer(tmp_path / "sp.json")
+
+
+def test_an_unwritable_out_fails_before_training(tmp_path):
+    """--out under a file, or naming a folder: one line, and no time spent on training."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    for out in ("a_file/tok.json", "a_folder"):
+        result = run_cli(tmp_path, "--out", out)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert "tokenizer sample" not in result.stdout + result.stderr
+        assert "trained" not in result.stdout
+    assert [p.name for p in (tmp_path / "a_folder").iterdir()] == []
+
+
+def test_a_memory_budget_too_small_for_a_useful_sample_is_refused(tmp_path):
+    result = run_cli(tmp_path, "--out", "tok.json", "--memory-budget", "1")
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "too small to hold a useful sample" in result.stderr
+    assert "tokenizer sample" not in result.stdout + result.stderr
+    assert not (tmp_path / "tok.json").exists()
+    smallest = f"{bpe_train.MIN_MEMORY_BUDGET >> 20}M"
+    assert run_cli(tmp_path, "--out", "tok.json", "--memory-budget", smallest).returncode == 0
+
+
+# -------------------------------------------------------------------- the split pattern, a setting
+
+FORK_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}{1,2}")  # numbers in pairs
+
+
+def test_a_changed_split_pattern_gets_none_of_the_default_patterns_fast_paths(monkeypatch):
+    """A fork that edits GPT4_SPLIT_PATTERN in tokenizer.py: the ASCII fast split, the cut points
+    and the trainer's parts are declared for patterns by their text, so the new pattern gets
+    none of them, and its ids are those of the pattern itself."""
+    monkeypatch.setattr(tokenizer, "GPT4_SPLIT_PATTERN", FORK_PATTERN)
+    text = "In 12345 years, 678 lines.\n" * 3
+    assert splitter(FORK_PATTERN)(text) == regex.findall(FORK_PATTERN, text)
+    assert "12" in splitter(FORK_PATTERN)(text) and "123" not in splitter(FORK_PATTERN)(text)
+    fork = Tokenizer.train(CORPUS[:20_000] + text, 300, pattern=FORK_PATTERN)
+    assert cut_points(fork) is None and cut_points(Tokenizer.train(CORPUS[:20_000], 300)) == "words"
+    big = (CORPUS[:50_000] + text) * 30  # over 2 MB: the trainer reads it in parts when it may
+    assert list(bpe_train._parts([big], FORK_PATTERN)) == [big]
+    assert (
+        bpe_train.train_tokenizer(big, 300, pattern=FORK_PATTERN).merges
+        == Tokenizer.train(big, 300, pattern=FORK_PATTERN).merges
+    )

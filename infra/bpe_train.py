@@ -1,9 +1,10 @@
-"""Training a byte-level BPE tokenizer (tokenizer.py's Tokenizer.train) in memory bounded by a budget.
+"""Training a byte-level BPE tokenizer in memory bounded by a budget (train_tokenizer).
 
-Plain BPE: split the text into pieces with the tokenizer's pattern, then repeatedly merge the most
-frequent adjacent pair of tokens (ties: the smallest (left id, right id)) inside every piece, until
-the vocabulary is full. What this file adds is doing it in bounded memory whatever the corpus and
-its language (in Chinese, with no spaces, almost every piece is distinct):
+Plain BPE, as tokenizer.py's Tokenizer.train: split the text into pieces with the tokenizer's
+pattern, then repeatedly merge the most frequent adjacent pair of tokens (ties: the smallest
+(left id, right id)) inside every piece, until the vocabulary is full. What this file adds is
+doing it in bounded memory whatever the corpus and its language (in Chinese, with no spaces,
+almost every piece is distinct):
 
 1. One pass over the text (_count_pieces): pieces are counted in a dict, whose rarer half moves into
    compact byte strings (_Sample) whenever it outgrows its share of the budget. Reading stops when
@@ -13,11 +14,12 @@ its language (in Chinese, with no spaces, almost every piece is distinct):
 2. The sample as arrays, about 12 bytes per byte of distinct text (_Pairs); only pairs above a
    count threshold are tracked, and the rest are counted again when they are needed.
 
-Training is exact on the sample: the merges are those of plain BPE on it (tests/reference_bpe.py,
-the trainer this one replaced, gives the same). The budget gives up only the text left unread and,
-when the pairs outgrow it, the time to count them again. The process adds the interpreter (~100 MB)
-to the budget. Figures: `python bench/bench_tokenizer.py --big`.
+Training is exact on the sample: the merges are those of Tokenizer.train on it. The budget gives
+up only the text left unread and, when the pairs outgrow it, the time to count them again. The
+interpreter's own memory comes on top of the budget. `python bench/bench_tokenizer.py --big`
+measures it.
 """
+
 import heapq
 import re
 import sys
@@ -28,7 +30,8 @@ from typing import Iterable
 
 import numpy as np
 
-from tokenizer import GPT4_SPLIT_PATTERN, SAFE_CUT, TokenizerError, _splitter
+from infra.fast_encode import SAFE_CUT, WORD_CUT_PATTERNS, splitter
+from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes that training may hold in its own structures (2 GiB)
 
@@ -44,7 +47,9 @@ _PAIR, _MAX_ID, _HEAP_SHIFT = 3_145_739, 1 << 21, 43
 _BLOCK = 1 << 18  # positions read at a time when (re)counting pairs: bounds the temporaries
 _SLICE = 1 << 17  # occurrences handled at a time in one merge: bounds the temporaries
 # The memory model behind the budget; tests/test_tokenizer.py checks it against tracemalloc.
-_BYTES_PER_POSITION = 12  # per byte of the sample: ids 2, spans 2, pair positions 4, merge temporaries
+_BYTES_PER_POSITION = (
+    12  # per byte of the sample: ids 2, spans 2, pair positions 4, merge temporaries
+)
 _BYTES_PER_PAIR = 240  # per tracked pair: its count, its positions' header, two dict entries
 _BYTES_PER_HEAP_ENTRY = 56
 _BYTES_PER_OCCURRENCE = 72  # temporaries of a merge, per occurrence of the pair merged
@@ -52,7 +57,9 @@ _BYTES_PER_BLOCK_POSITION = 80  # temporaries of (re)counting, per position of a
 _DICT_SHARE = 8  # the piece-count dict may use 1/8 of the budget before its rarest pieces move out
 
 
-def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes, memory_budget, verbose=False):
+def _count_pieces(
+    texts: Iterable[str], pattern: str, special_tokens, max_bytes, memory_budget, verbose=False
+):
     """Read texts, split them into pieces and count the pieces: the only pass over the corpus.
 
     Special tokens are cut out first so that no piece straddles one. Reading stops at the end
@@ -63,10 +70,19 @@ def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes,
     later starts a new entry: its count is then split over two entries, which changes no
     pair count. Returns the _Sample and a line saying what was read.
     """
-    split = _splitter(pattern)
-    cut = re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True)))).split if special_tokens else None
+    split = splitter(pattern)
+    cut = (
+        re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True)))).split
+        if special_tokens
+        else None
+    )
     counts, sample, n_read = Counter(), _Sample(), 0
-    entry_bytes, entry_positions, top_pair_share, measure_at = 200, 20, 1 / 16, 1 << 14  # until measured
+    entry_bytes, entry_positions, top_pair_share, measure_at = (
+        200,
+        20,
+        1 / 16,
+        1 << 14,
+    )  # until measured
     reason, start = "the end of the input", time.perf_counter()
     for text in _parts(texts, pattern):
         if max_bytes is not None and n_read >= max_bytes:
@@ -75,10 +91,12 @@ def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes,
         try:
             n = len(text) if text.isascii() else len(text.encode("utf-8"))
         except UnicodeEncodeError as e:
-            raise TokenizerError(f"the training text is not valid Unicode ({e.reason} at character {e.start}); "
-                                 f"read files with errors='replace'") from None
+            raise TokenizerError(
+                f"the training text is not valid Unicode ({e.reason} at character {e.start}); "
+                f"read files with errors='replace'"
+            ) from None
         if max_bytes is not None and n_read + n > max_bytes:
-            text = text.encode("utf-8")[:max_bytes - n_read].decode("utf-8", "ignore")
+            text = text.encode("utf-8")[: max_bytes - n_read].decode("utf-8", "ignore")
             n = max_bytes - n_read
         for part in cut(text) if cut else (text,):
             counts.update(split(part))
@@ -96,11 +114,17 @@ def _count_pieces(texts: Iterable[str], pattern: str, special_tokens, max_bytes,
             reason = f"the memory budget ({memory_budget / 2**20:,.0f} MiB)"
             break
         if verbose and n_read >> 26 != (n_read - n) >> 26:  # every 64 MB
-            print(f"sampling for the tokenizer: {n_read / 1e6:,.0f} MB read ({n_read / 1e6 / (time.perf_counter() - start):.1f} MB/s), "
-                  f"{need / memory_budget:.0%} of the memory budget", flush=True)
+            rate = n_read / 1e6 / (time.perf_counter() - start)
+            print(
+                f"sampling for the tokenizer: {n_read / 1e6:,.0f} MB read ({rate:.1f} MB/s), "
+                f"{need / memory_budget:.0%} of the memory budget",
+                flush=True,
+            )
     sample.add(counts, everything=True)
-    return sample, (f"tokenizer sample: {n_read / 1e6:,.2f} MB of text read, {sample.pieces:,} pieces kept "
-                    f"({sample.size / 1e6:,.2f} MB), stopped at {reason}")
+    return sample, (
+        f"tokenizer sample: {n_read / 1e6:,.2f} MB of text read, {sample.pieces:,} pieces kept "
+        f"({sample.size / 1e6:,.2f} MB), stopped at {reason}"
+    )
 
 
 def _training_memory(positions, largest_pair):
@@ -111,19 +135,29 @@ def _training_memory(positions, largest_pair):
 
 def _temporaries(positions, largest_pair):
     """Bytes for the temporaries of counting pairs a block at a time and of the largest merge."""
-    return (8 << 20) + min(positions, max(_BLOCK, _SLICE)) * _BYTES_PER_BLOCK_POSITION + largest_pair * _BYTES_PER_OCCURRENCE
+    return (
+        (8 << 20)
+        + min(positions, max(_BLOCK, _SLICE)) * _BYTES_PER_BLOCK_POSITION
+        + largest_pair * _BYTES_PER_OCCURRENCE
+    )
+
+
+MIN_SAMPLE_BYTES = 64 << 10  # the smallest sample worth training on
+# The smallest budget that holds it (whole MiB).
+MIN_MEMORY_BUDGET = -(-_training_memory(MIN_SAMPLE_BYTES, MIN_SAMPLE_BYTES) >> 20) << 20
 
 
 def _parts(texts, pattern, size=1 << 20):
     """The texts, with those over `size` characters cut into parts of about that size where the
-    GPT-4 pattern would cut anyway (SAFE_CUT), so that reading can stop inside a huge text."""
+    pattern would cut anyway (SAFE_CUT, for WORD_CUT_PATTERNS), so that reading can stop inside a
+    huge text."""
     for text in texts:
-        if len(text) <= 2 * size or pattern != GPT4_SPLIT_PATTERN:
+        if len(text) <= 2 * size or pattern not in WORD_CUT_PATTERNS:
             yield text
             continue
         start = 0
         while cut := SAFE_CUT.search(text, start + size):
-            yield text[start:cut.start()]
+            yield text[start : cut.start()]
             start = cut.start()
         yield text[start:]
 
@@ -135,7 +169,9 @@ def _dict_size(counts):
         return 200, 20, 1 / 16
     keys = list(islice(counts, 4096))
     pieces = b"\xff".join(piece.encode("utf-8") for piece in keys)
-    entry = sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32  # + the count
+    entry = (
+        sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32
+    )  # + the count
     return entry, (len(pieces) + 1) / len(keys), _byte_pairs(pieces).max() / (len(pieces) + 1)
 
 
@@ -143,8 +179,8 @@ def _byte_pairs(blob: bytes):
     """How often each pair of bytes (first << 8 | second) occurs in blob, outside 0xFF."""
     counts, b = np.zeros(1 << 16, np.int64), np.frombuffer(blob, np.uint8)
     for lo in range(0, len(b) - 1, _BLOCK):  # a block at a time: few temporaries
-        first, second = b[lo:lo + _BLOCK], b[lo + 1:lo + _BLOCK + 1]
-        first = first[:len(second)]
+        first, second = b[lo : lo + _BLOCK], b[lo + 1 : lo + _BLOCK + 1]
+        first = first[: len(second)]
         codes = first.astype(np.uint16) << 8 | second
         counts += np.bincount(codes[(first != _SEP) & (second != _SEP)], minlength=1 << 16)
     return counts
@@ -167,7 +203,9 @@ class _Sample:
         everything=True) here; return a dict of the pieces left (a new one: deleting entries
         does not shrink a dict)."""
         limit = float("inf")
-        if not everything:  # the smallest count such that the pieces seen at most that often are half
+        if (
+            not everything
+        ):  # the smallest count such that the pieces seen at most that often are half
             total = 0
             for limit, n in sorted(Counter(counts.values()).items()):
                 total += n
@@ -181,7 +219,7 @@ class _Sample:
                 left[piece] = count
         del counts
         for count, pieces in by_count.items():
-            # U+DCFF is byte 0xFF under surrogateescape; no piece has it (the text's UTF-8 was checked)
+            # U+DCFF is byte 0xFF under surrogateescape; no piece has it (its UTF-8 was checked)
             blob = "\udcff".join(pieces).encode("utf-8", "surrogateescape") + b"\xff"
             self.blobs[count].append(blob)
             ends = np.flatnonzero(np.frombuffer(blob, np.uint8) == _SEP)
@@ -211,23 +249,38 @@ class _Pairs:
         self.tok = np.empty(size, np.uint16 if vocab_size <= 1 << 16 else np.int32)
         self.tok[0] = _SEP
         starts, weights, position = [], [], 1
-        for count in sorted(stored):  # pieces grouped by count: a position's count is one search away
+        for count in sorted(
+            stored
+        ):  # pieces grouped by count: a position's count is one search away
             starts.append(position)
             weights.append(count)
             for blob in stored.pop(count):
-                self.tok[position:position + len(blob)] = np.frombuffer(blob, np.uint8)
+                self.tok[position : position + len(blob)] = np.frombuffer(blob, np.uint8)
                 position += len(blob)
         self.starts, self.weights = np.array(starts, np.int64), np.array(weights, np.int64)
         self.span = np.ones(size, np.uint16 if sample.longest < 1 << 16 else np.int32)
         self.positions = np.int32 if size < 1 << 31 else np.int64
         self.budget, self.prune_above, self.verbose = memory_budget, memory_budget, verbose
         self.threshold, self.n_ids = 2 + (size >> 24), 256
-        self.counts, self.where, self.heap, self.where_bytes, self.skipped, self.largest = {}, {}, [], 0, set(), 0
+        self.counts, self.where, self.heap, self.where_bytes, self.skipped, self.largest = (
+            {},
+            {},
+            [],
+            0,
+            set(),
+            0,
+        )
 
     def memory(self) -> int:
         """Estimated bytes held by the training structures (what the budget bounds)."""
-        return (self.tok.nbytes + self.span.nbytes + self.where_bytes + len(self.counts) * _BYTES_PER_PAIR
-                + len(self.heap) * _BYTES_PER_HEAP_ENTRY + _temporaries(len(self.tok), self.largest))
+        return (
+            self.tok.nbytes
+            + self.span.nbytes
+            + self.where_bytes
+            + len(self.counts) * _BYTES_PER_PAIR
+            + len(self.heap) * _BYTES_PER_HEAP_ENTRY
+            + _temporaries(len(self.tok), self.largest)
+        )
 
     def weight(self, positions):
         """The count of the piece at each position."""
@@ -238,10 +291,16 @@ class _Pairs:
     def pairs_in(self, lo):
         """(left ids, right ids, positions) of the pairs that start in tok[lo:lo + _BLOCK]."""
         tok, span = self.tok, self.span
-        p = np.flatnonzero((tok[lo:lo + _BLOCK] | 1) != _SEP) + lo  # token starts: not 0xFE or 0xFF
+        p = (
+            np.flatnonzero((tok[lo : lo + _BLOCK] | 1) != _SEP) + lo
+        )  # token starts: not 0xFE or 0xFF
         right = tok[p + span[p]]
         p = p[right != _SEP]
-        return tok[p].astype(np.int64), right[right != _SEP].astype(np.int64), p.astype(self.positions)
+        return (
+            tok[p].astype(np.int64),
+            right[right != _SEP].astype(np.int64),
+            p.astype(self.positions),
+        )
 
     def index(self):
         """Count every pair and track those seen at least `threshold` times (see the class).
@@ -250,20 +309,29 @@ class _Pairs:
         self.counts, self.where, self.heap, self.where_bytes = {}, {}, [], 0
         dense = self.n_ids <= 1 << 9  # few ids (the start of training): a pair is a bincount slot
         n_parts = 1
-        if not dense:  # a part's distinct pairs take ~80 bytes each while counted; pairs <= positions
-            live = sum(np.count_nonzero((self.tok[lo:lo + _BLOCK] | 1) != _SEP) for lo in range(0, len(self.tok), _BLOCK))
+        if (
+            not dense
+        ):  # a part's distinct pairs take ~80 bytes each while counted; pairs <= positions
+            live = sum(
+                np.count_nonzero((self.tok[lo : lo + _BLOCK] | 1) != _SEP)
+                for lo in range(0, len(self.tok), _BLOCK)
+            )
             n_parts = -(-80 * live // max(self.budget - self.memory(), self.budget // 8))
         for part in range(n_parts):
             self._index_part(part, n_parts, dense)
         self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
         heapq.heapify(self.heap)
-        self.largest = max(map(len, self.where.values()), default=0) // np.dtype(self.positions).itemsize
+        self.largest = (
+            max(map(len, self.where.values()), default=0) // np.dtype(self.positions).itemsize
+        )
 
     def _index_part(self, part, n_parts, dense):
         """index() for the pairs whose key % n_parts == part."""
         n_ids, blocks = self.n_ids, range(0, len(self.tok), _BLOCK)
 
-        def pairs_in(lo):  # (codes, positions) of this part's pairs that start in tok[lo:lo + _BLOCK]
+        def pairs_in(
+            lo,
+        ):  # (codes, positions) of this part's pairs that start in tok[lo:lo + _BLOCK]
             a, b, p = self.pairs_in(lo)
             code = a * n_ids + b if dense else a * _PAIR + b
             if n_parts > 1:
@@ -281,14 +349,18 @@ class _Pairs:
                 sizes += np.bincount(code, None, n_ids * n_ids)
                 continue
             code, inverse, n = np.unique(code, return_inverse=True, return_counts=True)
-            counted.append((code, np.bincount(inverse, self.weight(p), len(code)).astype(np.int64), n))
+            counted.append(
+                (code, np.bincount(inverse, self.weight(p), len(code)).astype(np.int64), n)
+            )
             if sum(len(c) for c, _, _ in counted[1:]) > len(counted[0][0]):
                 counted = [_merge_counts(counted)]  # the merged part at least doubles each time
         if dense:
             codes = np.flatnonzero(sizes)
             totals, sizes = totals[codes], sizes[codes]
         else:
-            codes, totals, sizes = _merge_counts(counted) if counted else (np.zeros(0, np.int64),) * 3
+            codes, totals, sizes = (
+                _merge_counts(counted) if counted else (np.zeros(0, np.int64),) * 3
+            )
         keys = codes // n_ids * _PAIR + codes % n_ids if dense else codes
         keep = (totals >= self.threshold) & ~np.isin(keys, list(self.skipped))
         codes, keys, totals, sizes = codes[keep], keys[keep], totals[keep], sizes[keep]
@@ -306,20 +378,25 @@ class _Pairs:
                 group = np.minimum(np.searchsorted(codes, code), max(len(codes) - 1, 0))
                 found = codes[group] == code if len(codes) else np.zeros(len(p), bool)
             group, p = group[found], p[found]
-            order = np.argsort(group.astype(np.uint16) if len(codes) <= 1 << 16 else group, kind="stable")
+            order = np.argsort(
+                group.astype(np.uint16) if len(codes) <= 1 << 16 else group, kind="stable"
+            )
             group, p = group[order], p[order]
             bounds = np.flatnonzero(group[1:] != group[:-1]) + 1
             starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), len(p)]
             for g, s, e in zip(group[starts].tolist() if len(p) else [], starts, ends):
-                where[g][filled[g]:filled[g] + e - s] = p[s:e]
+                where[g][filled[g] : filled[g] + e - s] = p[s:e]
                 filled[g] += e - s
         for i, (key, count) in enumerate(zip(keys.tolist(), totals.tolist())):
             self.counts[key] = count
-            self.where[key], where[i] = where[i].tobytes(), None  # bytes: a smaller header than an array's
+            self.where[key], where[i] = (
+                where[i].tobytes(),
+                None,
+            )  # bytes: a smaller header than an array's
         self.where_bytes += int(sizes.sum()) * np.dtype(self.positions).itemsize
 
     def pop(self):
-        """The most frequent pair as (key, count), ties to the smallest key, or None if there is none."""
+        """The most frequent pair as (key, count), ties to the smallest key; None if none is."""
         while True:
             if self.heap:
                 entry = heapq.heappop(self.heap)
@@ -338,7 +415,11 @@ class _Pairs:
             # An untracked pair may be as frequent as `count`: count them all again.
             self.threshold = max(1, min(count, self.threshold // 2))
             if self.verbose:
-                print(f"counting all pairs again, tracking those seen at least {self.threshold} times", flush=True)
+                print(
+                    f"counting all pairs again, tracking those seen at least {self.threshold} "
+                    f"times",
+                    flush=True,
+                )
             self.index()
 
     def drop(self, key):
@@ -369,13 +450,15 @@ class _Pairs:
         adjacent, weight = follows.any(), self.weight(p)
         lefts, left_positions, rights = [], [], []  # per slice: the neighbours of each occurrence
         for s in range(0, len(p), _SLICE):
-            ps, qs, rs = p[s:s + _SLICE], q[s:s + _SLICE], r[s:s + _SLICE]
+            ps, qs, rs = p[s : s + _SLICE], q[s : s + _SLICE], r[s : s + _SLICE]
             left_pos = ps - span[ps - 1]
             left, right = tok[left_pos], tok[rs]
             if adjacent:
-                after = np.flatnonzero(follows[s:s + len(ps)])
+                after = np.flatnonzero(follows[s : s + len(ps)])
                 left_pos[after], left[after] = p[s + after - 1], new
-                right[follows[s + 1:s + 1 + len(ps)]] = _SEP  # counted as the next one's left side
+                right[follows[s + 1 : s + 1 + len(ps)]] = (
+                    _SEP  # counted as the next one's left side
+                )
             lefts.append(left)
             left_positions.append(left_pos)
             rights.append(right)
@@ -383,8 +466,12 @@ class _Pairs:
             tok[ps], tok[qs], span[ps], span[rs - 1] = new, _DEAD, length, length
         self.n_ids = new + 1
         counts, where, threshold = self.counts, self.where, self.threshold
-        for side, (id_slices, position_slices) in enumerate(((lefts, left_positions), (rights, [p]))):
-            ids, sums, starts, positions = _group(_joined(id_slices), _joined(position_slices), weight)
+        for side, (id_slices, position_slices) in enumerate(
+            ((lefts, left_positions), (rights, [p]))
+        ):
+            ids, sums, starts, positions = _group(
+                _joined(id_slices), _joined(position_slices), weight
+            )
             id_slices.clear()  # free them before the other side's temporaries
             position_slices.clear()
             starts = [*starts.tolist(), len(positions)]
@@ -392,7 +479,10 @@ class _Pairs:
                 if neighbour == _SEP:  # the start or the end of a piece
                     continue
                 if side == 0:
-                    lost, born = (b if neighbour == new else neighbour) * _PAIR + a, neighbour * _PAIR + new
+                    lost, born = (
+                        (b if neighbour == new else neighbour) * _PAIR + a,
+                        neighbour * _PAIR + new,
+                    )
                 else:
                     lost, born = b * _PAIR + neighbour, new * _PAIR + neighbour
                 old = counts.get(lost)
@@ -403,7 +493,7 @@ class _Pairs:
                         self.drop(lost)
                 if count >= threshold:
                     counts[born] = count
-                    where[born] = born_positions = positions[starts[i]:starts[i + 1]].tobytes()
+                    where[born] = born_positions = positions[starts[i] : starts[i + 1]].tobytes()
                     self.where_bytes += len(born_positions)
                     heapq.heappush(self.heap, -count << _HEAP_SHIFT | born)
 
@@ -414,21 +504,28 @@ class _Pairs:
         keys = list(self.counts)
         counts = np.fromiter(self.counts.values(), np.int64, len(keys))
         sizes = np.fromiter(map(len, self.where.values()), np.int64, len(keys))
-        self.largest = int(sizes.max(initial=0)) // np.dtype(self.positions).itemsize  # merges get smaller
+        self.largest = (
+            int(sizes.max(initial=0)) // np.dtype(self.positions).itemsize
+        )  # merges get smaller
         self.heap = []  # rebuilt below: one entry per pair
         sizes += _BYTES_PER_PAIR + _BYTES_PER_HEAP_ENTRY
         rest = self.memory() - self.where_bytes - len(keys) * _BYTES_PER_PAIR
         if rest + sizes.sum() > self.budget and rest < self.budget:  # else pruning does not help
             order = np.argsort(counts, kind="stable")
             kept = np.cumsum(sizes[order][::-1])[::-1]  # kept[i]: the memory of the pairs order[i:]
-            i = int(np.searchsorted(-kept, -(self.budget - rest) // 2))  # the first i with kept[i] <= room / 2
+            i = int(
+                np.searchsorted(-kept, -(self.budget - rest) // 2)
+            )  # the first i with kept[i] <= room / 2
             threshold = min(int(counts[order[i]]) if i < len(keys) else ceiling, ceiling // 2)
             if threshold > self.threshold:
                 for key in compress(keys, (counts < threshold).tolist()):
                     self.drop(key)
                 self.threshold = threshold
                 if self.verbose:
-                    print(f"memory budget: tracking only the pairs seen at least {threshold} times", flush=True)
+                    print(
+                        f"memory budget: tracking only the pairs seen at least {threshold} times",
+                        flush=True,
+                    )
         self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
         heapq.heapify(self.heap)
         self.prune_above = max(self.budget, self.memory() + self.budget // 8)  # not at every merge
@@ -437,8 +534,16 @@ class _Pairs:
 def _merge_counts(counted):
     """Add up a list of (sorted codes, counts, sizes) into one."""
     codes, inverse = np.unique(np.concatenate([c for c, _, _ in counted]), return_inverse=True)
-    totals = np.bincount(inverse, np.concatenate([t for _, t, _ in counted]), len(codes)).astype(np.int64)
-    return codes, totals, np.bincount(inverse, np.concatenate([s for _, _, s in counted]), len(codes)).astype(np.int64)
+    totals = np.bincount(inverse, np.concatenate([t for _, t, _ in counted]), len(codes)).astype(
+        np.int64
+    )
+    return (
+        codes,
+        totals,
+        np.bincount(inverse, np.concatenate([s for _, _, s in counted]), len(codes)).astype(
+            np.int64
+        ),
+    )
 
 
 def _group(ids, positions, weights):
@@ -468,8 +573,10 @@ def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
     while len(merges) < n_merges:
         top = pairs.pop()
         if top is None:
-            raise TokenizerError(f"the training text is too small: it only allows {len(merges)} merges, "
-                                 f"{n_merges} are needed; use more text or a smaller vocab_size")
+            raise TokenizerError(
+                f"the training text is too small: it only allows {len(merges)} merges, "
+                f"{n_merges} are needed; use more text or a smaller vocab_size"
+            )
         key, count = top
         a, b = divmod(key, _PAIR)
         new_bytes = vocab[a] + vocab[b]
@@ -485,24 +592,87 @@ def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
             pairs.prune(count)
         if verbose and len(merges) % 1000 == 0:
             elapsed = time.perf_counter() - start
-            print(f"merge {len(merges)}/{n_merges} ({len(merges) / elapsed:.0f} merges/s, "
-                  f"ETA {elapsed * (n_merges / len(merges) - 1):.0f}s) count {count}, "
-                  f"memory {pairs.memory() / 2**30:.2f} GiB", flush=True)
+            print(
+                f"merge {len(merges)}/{n_merges} ({len(merges) / elapsed:.0f} merges/s, "
+                f"ETA {elapsed * (n_merges / len(merges) - 1):.0f}s) count {count}, "
+                f"memory {pairs.memory() / 2**30:.2f} GiB",
+                flush=True,
+            )
     return merges
 
 
-def train_merges(texts: Iterable[str], n_merges: int, pattern: str, special_tokens: list, max_bytes=None,
-                 memory_budget=DEFAULT_MEMORY_BUDGET, verbose=False) -> list:
-    """n_merges merges (pairs of ids) learned from texts, reading at most max_bytes and holding at most
-    memory_budget bytes in the trainer's own structures."""
+def train_tokenizer(
+    texts,
+    vocab_size: int,
+    special_tokens=(EOT,),
+    pattern=GPT4_SPLIT_PATTERN,
+    max_bytes=None,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
+    verbose=False,
+) -> Tokenizer:
+    """The tokenizer Tokenizer.train learns from `texts` (a str or an iterable of texts, e.g.
+    corpus.sample_texts(...)), reading at most max_bytes of them and holding at most
+    memory_budget bytes (at least MIN_MEMORY_BUDGET) in the trainer's own structures."""
+    special_tokens = list(special_tokens)
+    memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    check_memory_budget(memory_budget)
+    n_merges = vocab_size - 256 - len(special_tokens)
+    if n_merges < 0:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small: needs at least "
+            f"{256 + len(special_tokens)} (256 bytes + {len(special_tokens)} "
+            f"special tokens)"
+        )
+    merges = train_merges(
+        [texts] if isinstance(texts, str) else texts,
+        n_merges,
+        pattern,
+        special_tokens,
+        max_bytes,
+        memory_budget,
+        verbose,
+    )
+    return Tokenizer(pattern, merges, special_tokens)
+
+
+def check_memory_budget(memory_budget) -> None:
+    """Refuse a budget too small to hold a useful sample (MIN_SAMPLE_BYTES) for training."""
+    if not (isinstance(memory_budget, int) and memory_budget >= MIN_MEMORY_BUDGET):
+        raise TokenizerError(
+            f"a tokenizer memory budget of {memory_budget!r} bytes is too small "
+            f"to hold a useful sample: give at least "
+            f"{MIN_MEMORY_BUDGET / 2**20:.0f}M (the default is "
+            f"{DEFAULT_MEMORY_BUDGET >> 30}G)"
+        )
+
+
+def train_merges(
+    texts: Iterable[str],
+    n_merges: int,
+    pattern: str,
+    special_tokens: list,
+    max_bytes=None,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
+    verbose=False,
+) -> list:
+    """n_merges merges (pairs of ids) learned from texts, reading at most max_bytes and holding
+    at most memory_budget bytes (any positive number) in the trainer's own structures."""
     if not memory_budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, not {memory_budget!r}")
+        raise TokenizerError(
+            f"memory_budget must be a positive number of bytes, not {memory_budget!r}"
+        )
     if 256 + n_merges > _MAX_ID:
-        raise ValueError(f"vocab_size {256 + n_merges + len(special_tokens)} is too large: at most {_MAX_ID:,}")
+        raise TokenizerError(
+            f"vocab_size {256 + n_merges + len(special_tokens)} is too large: at most {_MAX_ID:,}"
+        )
     start = time.perf_counter()
-    sample, report = _count_pieces(texts, pattern, special_tokens, max_bytes, memory_budget, verbose)
+    sample, report = _count_pieces(
+        texts, pattern, special_tokens, max_bytes, memory_budget, verbose
+    )
     if not sample.pieces:
-        raise ValueError("the training text is empty: pass some text (or check the input files)")
+        raise TokenizerError(
+            "the training text is empty: pass some text (or check the input files)"
+        )
     if verbose:
         print(f"{report} ({time.perf_counter() - start:.1f}s)", flush=True)
     return _learn_merges(_Pairs(sample, 256 + n_merges, memory_budget, verbose), n_merges, verbose)

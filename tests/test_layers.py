@@ -1,0 +1,153 @@
+"""The layout's layers, checked on the source: the core imports only torch, numpy, regex, the
+standard library and the core below it; infra/ imports the core and itself, never an entry point;
+the entry points (train.py, sample.py) compose both; no module imports itself back through others.
+
+Every import counts, at any depth (inside functions too), except in a core module's
+`if __name__ == "__main__":` block: that is the file run as a command, an entry point.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Each core module and the core modules it may import.
+CORE = {
+    "tokenizer": set(),
+    "model": set(),
+    "config": {"model", "tokenizer"},
+    "data": {"model", "tokenizer", "config"},
+}
+ENTRY_POINTS = {"train", "sample"}
+THIRD_PARTY = {"torch", "numpy", "regex"}
+CORE_LIMIT, CORE_TOTAL_LIMIT = 400, 1800
+
+
+def project_modules() -> dict[str, Path]:
+    """{dotted name: path} of every module of the project (not tests, bench or config files)."""
+    modules = {path.stem: path for path in ROOT.glob("*.py")}
+    modules["config"] = ROOT / "config" / "__init__.py"
+    for path in (ROOT / "infra").glob("*.py"):
+        modules["infra" if path.stem == "__init__" else f"infra.{path.stem}"] = path
+    return modules
+
+
+def _is_main_block(node) -> bool:
+    test = getattr(node, "test", None)
+    return (
+        isinstance(node, ast.If)
+        and isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+    )
+
+
+def imports_of(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
+    """(imports outside a `__main__` block, imports inside one) of a file, as project module names
+    where they are the project's and top-level package names otherwise."""
+    tree = ast.parse(path.read_text())
+    main_nodes = {id(n) for top in tree.body if _is_main_block(top) for n in ast.walk(top)}
+    outside, inside = set(), set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            # the longest project module the name starts with, else its top-level package
+            parts = name.split(".")
+            found = next(
+                (
+                    ".".join(parts[:i])
+                    for i in range(len(parts), 0, -1)
+                    if ".".join(parts[:i]) in known
+                ),
+                parts[0],
+            )
+            (inside if id(node) in main_nodes else outside).add(found)
+    return outside, inside
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {
+        name: imports_of(path, set(modules))[0] & set(modules) - {name}
+        for name, path in modules.items()
+    }
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge that points the wrong way."""
+    found = []
+    for module, targets in graph.items():
+        for target in targets:
+            if module in CORE and target not in CORE[module]:
+                found.append(f"{module} -> {target}: the core imports only the core below it")
+            if module.startswith("infra") and target in ENTRY_POINTS:
+                found.append(f"{module} -> {target}: infra never imports an entry point")
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of the graph (one path per circle found by depth-first search)."""
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                found.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_layers_hold_and_there_is_no_import_circle():
+    graph = import_graph()
+    assert {"tokenizer", "model", "config", "data", "train", "sample"} <= set(graph)
+    assert layer_violations(graph) == []
+    assert cycles(graph) == []
+
+
+def test_the_core_imports_no_other_package():
+    modules = project_modules()
+    allowed = THIRD_PARTY | set(sys.stdlib_module_names) | set(modules)
+    for name in CORE:
+        outside, _ = imports_of(modules[name], set(modules))
+        assert outside <= allowed, f"{name} imports {sorted(outside - allowed)}"
+
+
+def test_a_planted_upward_import_or_circle_is_found(tmp_path):
+    graph = import_graph()
+    assert layer_violations({**graph, "model": graph["model"] | {"infra.checkpoint"}})
+    assert layer_violations({**graph, "data": graph["data"] | {"train"}})
+    assert layer_violations({**graph, "infra.run": graph["infra.run"] | {"sample"}})
+    assert cycles({**graph, "model": graph["model"] | {"config"}})
+    # a lazy import inside a function counts; one in the `__main__` block does not
+    planted = tmp_path / "core.py"
+    planted.write_text(
+        "def f():\n    import infra.prepare\n\n"
+        "if __name__ == '__main__':\n    import infra.tokenizer_cli\n"
+    )
+    outside, inside = imports_of(planted, {"infra.prepare", "infra.tokenizer_cli"})
+    assert outside == {"infra.prepare"} and inside == {"infra.tokenizer_cli"}
+
+
+@pytest.mark.parametrize("name", sorted(CORE) + sorted(ENTRY_POINTS))
+def test_each_core_file_reads_in_one_sitting(name):
+    lines = len(project_modules()[name].read_text().splitlines())
+    assert lines <= CORE_LIMIT, f"{name}: {lines} lines"
+
+
+def test_the_core_is_at_most_1800_lines():
+    modules = project_modules()
+    total = sum(len(modules[name].read_text().splitlines()) for name in [*CORE, *ENTRY_POINTS])
+    assert total <= CORE_TOTAL_LIMIT, total
