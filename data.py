@@ -1,15 +1,10 @@
 """Data: a prepared folder of token shards, and the batches of token windows read from it.
 
 A prepared folder holds meta.json, tokenizer.json and the shards of a train and a val split: flat
-files of uint16 tokens (uint32 when the vocabulary needs it), each document as its tokens with the
-tokenizer's BOS (if it has one) before it and its EOS after. meta.json lists each split's shards
-(paths relative to the folder) with their lengths, and is written last: a folder without it is
-not prepared. infra/prepare.py writes such folders (`python data.py --help`).
-
-`TokenData` reads one split as a single stream of tokens: every training window once per epoch,
-in an order shuffled anew each epoch, and the batch of a step a pure function of (seed, step), so
-the step number is the whole loader state a checkpoint needs.
-"""
+files of uint16 tokens (uint32 when the vocabulary needs it), each document's tokens between the
+tokenizer's BOS (if any) and EOS. meta.json lists each split's shards (paths relative to the
+folder) with their lengths, and is written last: a folder without it is not prepared.
+infra/prepare.py writes such folders (`python data.py --help`)."""
 import json
 import math
 import os
@@ -60,8 +55,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _hash_words(*words: int) -> int:
-    """A 64-bit key from integers of any size and sign: each is folded into the state, then
-    mixed."""
+    """A 64-bit key from integers of any size and sign: each folded into the state, then mixed."""
     state = np.zeros(1, dtype=np.uint64)
     for word in words:
         state = _mix64((state ^ np.uint64(word % 2**64)) + np.uint64(_GOLDEN))
@@ -69,20 +63,15 @@ def _hash_words(*words: int) -> int:
 
 
 def feistel_permutation(index: np.ndarray, n: int, key: int) -> np.ndarray:
-    """The image of each index under a bijection of [0, n) chosen by `key`, in O(len(index))
-    memory.
+    """The image of each index under a bijection of [0, n) chosen by `key`, in O(len(index)) memory.
 
-    A balanced Feistel network permutes the words of 2h bits, the fewest with 4**h >= n (so
-    4**h < 4n): each of FEISTEL_ROUNDS rounds swaps the two h-bit halves and xors one with a keyed
-    hash of the other, which is invertible whatever the hash, so the network is a bijection.
-    Cycle-walking restricts it to [0, n): a value that lands at or above n goes through the network
-    again until it falls inside. The walk follows its start's cycle, which contains the start
-    (inside), so it ends, and two starts never end on the same value; it takes fewer than four
-    passes on average.
-    """
+    A balanced Feistel network permutes the words of 2h bits, the fewest with 4**h >= n: each round
+    swaps the two halves and xors one with a keyed hash of the other, invertible whatever the hash.
+    Cycle-walking restricts it to [0, n): a value at or above n goes through the network again. The
+    walk follows its start's cycle, so it ends and two starts never meet (under four passes on
+    average, since 4**h < 4n)."""
     half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    low = np.uint64((1 << half_bits) - 1)
-    shift = np.uint64(half_bits)
+    low, shift = np.uint64((1 << half_bits) - 1), np.uint64(half_bits)
     round_keys = [np.uint64(_hash_words(key, r)) for r in range(FEISTEL_ROUNDS)]
 
     def network(x):
@@ -92,17 +81,14 @@ def feistel_permutation(index: np.ndarray, n: int, key: int) -> np.ndarray:
         return (left << shift) | right
 
     x = network(np.asarray(index, dtype=np.uint64))
-    outside = x >= n
-    while outside.any():
+    while (outside := x >= n).any():
         x[outside] = network(x[outside])
-        outside = x >= n
     return x.astype(np.int64)
 
 
 def epoch_windows(num_tokens: int, seq_len: int) -> tuple[int, int]:
-    """(n, max_offset): an epoch's windows start at offset + i * seq_len for i < n, each reading
-    seq_len + 1 tokens, with n the same for every offset in [0, max_offset]; max_offset is
-    seq_len - 1 unless the split holds fewer than two windows."""
+    """(n, max_offset): an epoch's windows start at offset + i * seq_len, i < n, each reading
+    seq_len + 1 tokens, for any offset in [0, max_offset] (seq_len - 1 unless under two windows)."""
     n = max(1, num_tokens // seq_len - 1)
     return n, min(seq_len - 1, num_tokens - 1 - n * seq_len)
 
@@ -112,12 +98,9 @@ def train_window_starts(num_tokens: int, seq_len: int, seed: int, first: int,
     """Starts of windows first .. first + count - 1 of the endless sequence epoch 0, epoch 1, ...
 
     Epoch e is all n windows of a grid shifted by an offset in [0, max_offset] (epoch_windows), in
-    the order of feistel_permutation(., n, key); offset and key are hashes of (seed, e). So every
-    window is read once per epoch, in an order that changes from epoch to epoch, and any stretch of
-    the sequence costs memory and time in proportion to its length, not to n. The shift moves the
-    window boundaries: a token that opens a window (predicted from no context) in one epoch sits
-    inside one in the next. Each epoch leaves out fewer than 2 * seq_len tokens (head and tail).
-    """
+    the order of feistel_permutation(., n, key); offset and key are hashes of (seed, e). Any stretch
+    costs time and memory in proportion to its length, not to n. The shift moves the window
+    boundaries, so a token that opens a window (no context) in one epoch sits inside one next."""
     n, max_offset = epoch_windows(num_tokens, seq_len)
     epochs, positions = np.divmod(first + np.arange(count, dtype=np.int64), n)
     starts = np.empty(count, dtype=np.int64)
@@ -134,28 +117,22 @@ def train_window_starts(num_tokens: int, seq_len: int, seed: int, first: int,
 class TokenData:
     """One split of a prepared folder, read as a single stream of tokens.
 
-    Shards are opened lazily, with their lengths taken from meta.json, and at most MAX_OPEN_SHARDS
-    stay memory-mapped, the least recently used closed first: each map holds a file descriptor, so
-    a folder of tens of thousands of shards trains within the common limit of 1,024 open files. At
-    start one directory listing per shard folder checks that every shard exists (no per-file
-    calls, which are slow on network filesystems); a shard's size is checked when it is opened.
-    Windows are returned as copies, so no evicted map stays alive.
+    Shards are opened lazily and at most MAX_OPEN_SHARDS stay memory-mapped (least recently used
+    closed first): each map holds a file descriptor, and the common limit is 1,024 open files. At
+    start one directory listing per shard folder checks that every shard exists (per-file calls are
+    slow on network filesystems); a shard's size is checked when it is opened.
 
-    Training windows are the non-overlapping windows of seq_len tokens (each reads one more for its
-    targets), each read once per epoch in an order shuffled anew every epoch (train_window_starts).
-    Step s takes windows [s * count, (s + 1) * count) of the endless sequence of epochs, so its
-    batch is a pure function of (seed, step): the step number is the loader's whole state in a
-    checkpoint, and ranks take disjoint slices of the same global batch. A batch may straddle two
-    epochs.
-    """
+    Training windows (seq_len tokens, plus one for the targets) are each read once per epoch, in an
+    order shuffled anew every epoch. Step s takes windows [s * count, (s + 1) * count) of the
+    endless sequence of epochs: a pure function of (seed, step), so the step number is the loader's
+    whole state in a checkpoint, and ranks take disjoint slices of the same global batch."""
 
     def __init__(self, data_dir: str, split: str):
         self.meta, self.split = read_meta(data_dir), split
         try:
             info, dtype = self.meta["splits"][split], self.meta["dtype"]
             names = [entry["path"] for entry in info["shards"]]
-            lengths = [int(entry["tokens"]) for entry in info["shards"]]
-            self.lengths = np.array(lengths, dtype=np.int64)
+            self.lengths = np.array([int(e["tokens"]) for e in info["shards"]], dtype=np.int64)
             valid = (dtype in ("uint16", "uint32") and (self.lengths >= 0).all()
                      and not any(os.path.isabs(name) or ".." in name.split("/") for name in names))
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -185,20 +162,16 @@ class TokenData:
         if shard is None:
             if len(self._open) >= MAX_OPEN_SHARDS:
                 del self._open[next(iter(self._open))]  # the last reference: the map closes
-            shard = self._map(index)
+            path = self.shards[index]
+            try:
+                shard = np.memmap(path, dtype=self.dtype, mode="r")
+            except (FileNotFoundError, ValueError) as error:
+                raise DataError(f"shard {path} is missing or empty ({error}); "
+                                f"prepare the data again") from None
+            if len(shard) != self.lengths[index]:
+                raise DataError(f"shard {path} holds {len(shard)} tokens, meta.json says "
+                                f"{self.lengths[index]}; prepare the data again")
         self._open[index] = shard
-        return shard
-
-    def _map(self, index: int) -> np.memmap:
-        path = self.shards[index]
-        try:
-            shard = np.memmap(path, dtype=self.dtype, mode="r")
-        except (FileNotFoundError, ValueError) as error:
-            raise DataError(f"shard {path} is missing or empty ({error}); "
-                            f"prepare the data again") from None
-        if len(shard) != self.lengths[index]:
-            raise DataError(f"shard {path} holds {len(shard)} tokens, meta.json says "
-                            f"{self.lengths[index]}; prepare the data again")
         return shard
 
     def _read(self, start: int, out: np.ndarray):
@@ -238,8 +211,7 @@ class TokenData:
         return tokens[:, :-1], tokens[:, 1:]
 
     def train_starts(self, seed: int, step: int, count: int, seq_len: int) -> np.ndarray:
-        """Window starts of the global batch of `step` (count sequences): a function of
-        (seed, step) only."""
+        """Window starts of the global batch of `step` (count sequences), from (seed, step) only."""
         self.check_length(seq_len)
         return train_window_starts(self.num_tokens, seq_len, seed, step * count, count)
 

@@ -1,10 +1,6 @@
-"""A Llama-style decoder-only Transformer in one file.
-
-Pre-norm blocks (RMSNorm or LayerNorm), rotary position embeddings, grouped-query attention
-through F.scaled_dot_product_attention, a SwiGLU feed-forward, no biases, and a pre-allocated KV
-cache for incremental decoding. Names follow Meta's Llama code: `layers.3.attention.wq.weight`,
-`layers.3.feed_forward.w1.weight`, `norm.weight`, ...
-"""
+"""A Llama-style decoder-only Transformer in one file: pre-norm blocks (RMSNorm or LayerNorm),
+rotary position embeddings, grouped-query attention, a SwiGLU feed-forward, no biases, a KV cache
+for decoding. Parameter names follow Meta's Llama code (`layers.3.attention.wq.weight`, ...)."""
 
 import math
 from dataclasses import dataclass
@@ -15,8 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this contribute nothing to the loss
-# The training loss computes at most this many logits at once (256 MB in fp32); see below.
-LOSS_CHUNK_ELEMENTS = 1 << 26
+LOSS_CHUNK_ELEMENTS = 1 << 26  # the most logits the loss computes at once (256 MB in fp32)
 
 
 def _require(condition: bool, message: str):
@@ -70,8 +65,7 @@ class ModelConfig:
             v = getattr(self, name)
             _require(math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v}")
 
-    # Derived sizes are properties rather than fields resolved in __post_init__, so that
-    # dataclasses.replace(config, dim=...) recomputes them instead of keeping stale values.
+    # Derived sizes are properties, not fields set in __post_init__: dataclasses.replace recomputes.
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -92,8 +86,7 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        # SwiGLU has three matrices instead of two, so Llama shrinks 4*dim by 2/3 to keep a GELU
-        # MLP's parameter count, then rounds up to multiple_of (11008 at dim 4096).
+        # SwiGLU has three matrices, not two: Llama takes 2/3 of 4*dim to keep an MLP's parameters.
         hidden = int(2 * 4 * self.dim / 3)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
@@ -118,26 +111,19 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.dim, config.norm_eps)
-    return nn.LayerNorm(config.dim, eps=config.norm_eps)
+    norm = RMSNorm if config.norm == "rmsnorm" else nn.LayerNorm
+    return norm(config.dim, config.norm_eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None, device=None):
-    """The rotation speeds theta^(-2i/head_dim), i < head_dim/2, in radians per position (float64).
-
-    scaling = (factor, low_freq_factor, high_freq_factor, original_context): Llama 3.1's stretch of
-    a model trained on original_context tokens to factor times more. Wavelengths 2 pi / f longer
-    than original_context / low_freq_factor are divided by factor, those shorter than
-    original_context / high_freq_factor kept, and those between blended linearly (rope_type llama3).
-    """
+    """The rotation speeds theta^(-2i/head_dim), i < head_dim/2, in radians per position (float64),
+    stretched by scaling = (factor, low, high, original_context) as Llama 3.1 does."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device).double() / head_dim)
     if scaling is None:
         return inv_freq
-    factor, low_freq_factor, high_freq_factor, original_context = scaling
+    factor, low, high, original_context = scaling
     wavelength = 2 * math.pi / inv_freq
-    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blend = blend.clamp(0, 1)
+    blend = ((original_context / wavelength - low) / (high - low)).clamp(0, 1)
     return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
@@ -150,9 +136,8 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None, scaling=
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, head_dim) by position, pairing dimension i with i + head_dim/2: the
-    "rotate_half" layout of GPT-NeoX and Hugging Face Llama, so wq and wk copy straight to and from
-    a Hugging Face checkpoint (Meta's original code rotates interleaved pairs (2i, 2i+1))."""
+    """Rotate x (B, T, H, head_dim) by position, pairing dimension i with i + head_dim/2: Hugging
+    Face's "rotate_half" layout, so wq and wk copy straight from its checkpoints (not Meta's)."""
     x1, x2 = _fp32(x).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
@@ -165,9 +150,8 @@ def _loss_sum(h, weight, targets):
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_ELEMENTS):
-    """Mean cross-entropy of the logits h @ weight.T (h: (B, T, dim)) against targets (B, T), in
-    chunks of at most chunk_elements logits, each under activation checkpointing: all fp32 logits,
-    log-softmax and gradient at once would take 12.6 GB (Llama 3's vocabulary, 2 x 4096 tokens)."""
+    """Mean cross-entropy of the logits h @ weight.T against targets, in checkpointed chunks of at
+    most chunk_elements logits: all of them in fp32 at once can take many GB."""
     h, targets = h.flatten(0, 1), targets.flatten()
     count = (targets != IGNORE_INDEX).sum()
     chunk = max(1, chunk_elements // weight.size(0))
@@ -179,9 +163,8 @@ def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_E
 
 
 def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
-    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None
-    (each kv head serves its group of query heads). Under CPU autocast it runs in fp32: PyTorch's
-    CPU attention is slower in bf16, unlike the matmuls around it (bench/bench_model.py)."""
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None.
+    Under CPU autocast it runs in fp32: PyTorch's CPU attention is slower in bf16."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             out = attention(q.float(), k.float(), v.float(), mask, dropout_p, enable_gqa)
@@ -192,8 +175,7 @@ def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys and values (as in gpt-fast), so decoding never reallocates. Scratch
-    space: non-persistent buffers, never part of a checkpoint."""
+    """Pre-allocated keys and values, so decoding never reallocates; never part of a checkpoint."""
 
     def __init__(self, batch_size, n_kv_heads, seq_len, head_dim, device, dtype):
         super().__init__()
@@ -203,8 +185,7 @@ class KVCache(nn.Module):
 
     def update(self, start_pos: int, k, v):
         """Write k, v (B, n_kv_heads, T, head_dim) at start_pos; return everything cached so far."""
-        B, _, T, _ = k.shape
-        end = start_pos + T
+        B, end = k.size(0), start_pos + k.size(2)
         self.k[:B, :, start_pos:end] = k
         self.v[:B, :, start_pos:end] = v
         return self.k[:B, :, :end], self.v[:B, :, :end]
@@ -292,8 +273,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         self._tie()
-        # GPT-2's scheme: each block adds two projections to the residual stream, so shrinking
-        # those by 1/sqrt(2 * n_layers) keeps the stream's variance flat with depth.
+        # GPT-2: the residual projections shrink by 1/sqrt(2 * n_layers), so variance stays flat.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -304,8 +284,7 @@ class Transformer(nn.Module):
 
     def _tie(self):
         if self.config.tie_embeddings:
-            # Tied here rather than in __init__ because to_empty() and load_state_dict(assign=True)
-            # replace each module's parameters separately, which silently unties them.
+            # Not in __init__: to_empty() and load_state_dict(assign=True) would silently untie.
             self.output.weight = self.tok_embeddings.weight
 
     def to_empty(self, *, device, recurse=True):
@@ -315,8 +294,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: dict) -> "Transformer":
-        """A model that takes over `state_dict`'s tensors: no random init and no second copy of
-        the weights, which matters when loading a 7B checkpoint to sample from it."""
+        """A model that takes over state_dict's tensors: no random init, no second copy of them."""
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, assign=True)
@@ -327,27 +305,22 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, start_pos: int | None = None):
         """(logits, None) without targets; (None, mean cross-entropy) with them, never holding
         the whole batch's logits (see chunked_cross_entropy). start_pos: decode with a KV cache."""
-
         B, T = tokens.shape
-        pos = 0 if start_pos is None else start_pos
+        pos, mask = start_pos or 0, None
         if start_pos is not None:
             cache = self.layers[0].attention.kv_cache
             if cache is None:
                 raise RuntimeError("forward(start_pos=...) needs setup_kv_cache() first")
-            if start_pos < 0 or start_pos + T > cache.k.size(2) or B > cache.k.size(0):
-                raise ValueError(
-                    f"positions {start_pos}..{start_pos + T - 1} x batch {B} do not fit the KV "
-                    f"cache (batch {cache.k.size(0)}, length {cache.k.size(2)})"
-                )
+            batch, length = cache.k.size(0), cache.k.size(2)
+            if start_pos < 0 or start_pos + T > length or B > batch:
+                where = f"positions {start_pos}..{start_pos + T - 1} x batch {B} do not fit the KV"
+                raise ValueError(f"{where} cache (batch {batch}, length {length})")
+            # Query i sits at start_pos + i and sees keys up to there (is_causal aligns top-left).
+            key_pos = torch.arange(start_pos + T, device=tokens.device)
+            mask = key_pos[None, :] <= start_pos + torch.arange(T, device=tokens.device)[:, None]
         elif T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
-        mask = None
-        if start_pos is not None:
-            # Query i sits at position start_pos + i and may see every cached key up to there
-            # (is_causal would align the triangle to the top-left, wrong once start_pos > 0).
-            key_pos = torch.arange(start_pos + T, device=tokens.device)
-            mask = key_pos[None, :] <= start_pos + torch.arange(T, device=tokens.device)[:, None]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -364,9 +337,8 @@ class Transformer(nn.Module):
         c = self.config
         seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
         if not 0 < seq_len <= c.max_seq_len:
-            raise ValueError(
-                f"KV cache length must be in 1..{c.max_seq_len} (the RoPE table), got {seq_len}"
-            )
+            limit = f"1..{c.max_seq_len} (the RoPE table)"
+            raise ValueError(f"KV cache length must be in {limit}, got {seq_len}")
         device = self.output.weight.device if device is None else device
         dtype = self.output.weight.dtype if dtype is None else dtype
         for layer in self.layers:
@@ -379,19 +351,15 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Parameter count (a tied table counted once). exclude_embedding drops the input table,
-        a lookup that does no matmul work; a tied table is kept, since it is also the head."""
+        """Parameter count (a tied table once); exclude_embedding drops an untied input table."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and not self.config.tie_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), PaLM paper appendix B: 6N + 12*L*H*Q*T.
-        N = num_params(exclude_embedding=True), every matmul weight: 2 FLOPs forward, 4 backward.
-        12*L*H*Q*T: attention's QK^T and AV over L layers, H heads of size Q, a context of T tokens,
-        without the causal-mask saving (as PaLM and MFU count). Norms, RoPE, softmax are ignored."""
-
+        """Training FLOPs per token, PaLM appendix B: 6N (N = num_params(exclude_embedding=True))
+        plus 12*L*H*Q*T for attention over L layers, H heads of size Q, T tokens of context."""
         c = self.config
         T = c.max_seq_len if seq_len is None else seq_len
         attention_flops = 12 * c.n_layers * c.n_heads * c.head_dim * T

@@ -150,28 +150,23 @@ class StreamDecoder:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Generate text from a checkpoint folder written by "
-                                "train.py or a Hugging Face model folder.")
-    p.add_argument("--ckpt", required=True, help="a run folder (its newest ckpt-N.pt and "
-                   "tokenizer.json), one ckpt-N.pt, or a Hugging Face Llama/Mistral folder "
-                   "(config.json, weights, tokenizer)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--ckpt", required=True, help="a run folder (its newest ckpt-N.pt), RUN/best, one "
+        "ckpt-N.pt, or a Hugging Face Llama/Mistral folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text to continue (default: stdin when piped, else a new "
-                     "document)")
+    src.add_argument("--prompt", help="text to continue (default: piped stdin, else a new text)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling: smallest set with probability >= p")
-    p.add_argument("--num-samples", type=int, default=1, help="generated together as one batch")
-    p.add_argument("--seed", type=int, default=None, help="for reproducible samples")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder (weights, "
-                   "config, tokenizer) to DIR, new or empty, instead of sampling")
-    p.add_argument("--overwrite", action="store_true",
-                   help="with --export-hf: replace an earlier export in DIR")
+    add("--max-new-tokens", type=int, default=256)
+    add("--temperature", type=float, default=0.8, help="0 = greedy")
+    add("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    add("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
+    add("--num-samples", type=int, default=1, help="generated together as one batch")
+    add("--seed", type=int, default=None, help="for reproducible samples")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder (weights, config, "
+        "tokenizer) to DIR, new or empty, instead of sampling")
+    add("--overwrite", action="store_true", help="with --export-hf: replace an earlier export")
     return p.parse_args(argv)
 
 

@@ -1,17 +1,9 @@
 """Byte-level BPE tokenizer (GPT-4 style): trained here, the same ids as tiktoken.
 
-Encoding: a regex (the split pattern) cuts the text into pieces; each piece becomes its UTF-8
-bytes, and adjacent tokens merge, always the pair that makes the token of lowest rank, until no
-pair makes a token. Merges never cross pieces. Ids: 0..255 are the bytes, then one id per merge
-in the order training learned them (an id is its token's rank), then the special tokens.
-`mergeable_ranks` and `special_tokens` are what `tiktoken.Encoding(name, pat_str=tok.pattern,
-mergeable_ranks=..., special_tokens=...)` takes.
-
-Training (Tokenizer.train) is plain BPE: count the pieces of the text, then repeatedly merge
-the most frequent adjacent pair of tokens inside every piece. It holds every distinct piece in
-memory; infra/bpe_train.py learns the same merges in bounded memory from corpora of any size.
-Other projects' tokenizers (Hugging Face, tiktoken files, SentencePiece style) are subclasses
-in infra/tokenizer_variants.py; infra/tokenizers.py loads any tokenizer file.
+The split pattern cuts text into pieces; in each piece's UTF-8 bytes the adjacent pair making the
+lowest-rank token merges until none does. Ids: the 256 bytes, one per merge in training order
+(its rank), then special tokens, as `tiktoken.Encoding` takes them. infra/bpe_train.py trains in
+bounded memory; other projects' tokenizers are subclasses in infra/tokenizer_variants.py.
 
     python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
 """
@@ -38,8 +30,7 @@ CACHE_PIECE_CHARS = 256  # longer pieces are not cached
 
 
 class UserError(ValueError):
-    """An error the user can fix (a setting, a file, an input); entry points print it as one line.
-    Every error of this project subclasses it."""
+    """An error the user can fix; entry points print it as one line. Project errors subclass it."""
 
 
 class TokenizerError(UserError):
@@ -47,9 +38,7 @@ class TokenizerError(UserError):
 
 
 def write_atomic(path, data: bytes | str) -> None:
-    """Replace path's content with data (a str is written as UTF-8) atomically and durably: a
-    temporary file in the same folder, flushed to the disk, renamed over path, and the rename
-    flushed too. After a crash a reader finds the old file or the new one, whole."""
+    """Replace path's content with data (str: UTF-8) atomically: a crash leaves old or new whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -68,11 +57,9 @@ def write_atomic(path, data: bytes | str) -> None:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer: a split pattern, merges and special tokens."""
+    """Byte-level BPE: a split pattern, merges (the i-th id pair makes 256 + i), special tokens."""
 
     def __init__(self, pattern=GPT4_SPLIT_PATTERN, merges=(), special_tokens=(EOT,)):
-        """merges: (left id, right id) pairs, the i-th making token 256 + i; special tokens take
-        the ids after the merges."""
         self.pattern = pattern
         self.merges = [tuple(m) for m in merges]
         self.vocab = [bytes([b]) for b in range(256)]
@@ -120,33 +107,26 @@ class Tokenizer:
         return [self.pattern, self.merges, self.special_tokens]
 
     def fingerprint(self) -> str:
-        """sha256 of the definition, not of a file's bytes: the same tokenizer saved twice, or
-        re-indented, has the same fingerprint."""
+        """sha256 of the definition, not of a file's bytes: re-saving keeps the fingerprint."""
         content = json.dumps(self._definition(), sort_keys=True)
         return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
-    # ------------------------------------------------------------------------- training
-
     @classmethod
     def train(cls, texts, vocab_size: int, special_tokens=(EOT,), pattern=GPT4_SPLIT_PATTERN):
-        """Learn vocab_size - 256 - len(special_tokens) merges from texts (a str or an iterable
-        of them) by plain BPE: count the pieces, then merge the most frequent pair again and
-        again (_learn_merges)."""
+        """Learn vocab_size - 256 - len(special_tokens) merges from texts (a str or an iterable)."""
         special_tokens, least = list(special_tokens), 256 + len(special_tokens)
-        _require(
-            vocab_size >= least, f"vocab_size {vocab_size} is too small: needs at least {least}"
-        )
+        if vocab_size < least:
+            raise TokenizerError(f"vocab_size {vocab_size} is too small: needs at least {least}")
+        split = Tokenizer(pattern, (), ()).split
+        names = sorted(special_tokens, key=len, reverse=True)  # cut out, so no piece holds one
+        cut = re.compile("|".join(map(re.escape, names))).split if names else lambda text: [text]
         texts = [texts] if isinstance(texts, str) else texts
-        counts = _count_pieces(texts, pattern, special_tokens)
+        counts = Counter(piece for text in texts for part in cut(text) for piece in split(part))
         _require(counts, "the training text is empty: pass some text (or check the input files)")
-        n_merges = vocab_size - least
-        return cls(pattern, _learn_merges(counts, n_merges), special_tokens)
-
-    # ------------------------------------------------------------------------- encoding
+        return cls(pattern, _learn_merges(counts, vocab_size - least), special_tokens)
 
     def split(self, text: str) -> list:
-        """The text in pieces: the pattern's matches and, as pieces of their own, the text
-        between them (none for the GPT-4 pattern, whose matches cover every text)."""
+        """The text in pieces: the pattern's matches and, as pieces too, any text between them."""
         pieces = self._regex.findall(text)
         if self._regex.groups or sum(map(len, pieces)) != len(text):
             pieces, end = [], 0
@@ -157,9 +137,7 @@ class Tokenizer:
         return pieces
 
     def _encode_piece(self, piece: str) -> list:
-        """One piece's ids: its bytes, then, again and again, the adjacent pair whose bytes
-        together are the token of lowest rank (the leftmost on a tie) becomes that token, until
-        no pair is a token. A piece that is a whole token is that token."""
+        """One piece's ids: merge the lowest-rank pair (leftmost on a tie) until none is a token."""
         ranks, raw = self.mergeable_ranks, piece.encode("utf-8")
         if raw in ranks:
             return [ranks[raw]]
@@ -198,9 +176,8 @@ class Tokenizer:
         return self._encode_pieces(self.split(text))
 
     def split_special(self, text: str, allowed_special="none") -> list:
-        """text cut at special tokens: [text, special token, text, ...]. allowed_special ("all",
-        "none" or a set of names) says which are allowed; any other special token's text in
-        `text` is an error, as in tiktoken, because it is usually a data bug."""
+        """[text, special token, text, ...]. A special token not in allowed_special ("all", "none"
+        or a set of names) is an error, as in tiktoken: usually a data bug."""
         if allowed_special == "all":
             allowed = set(self.special_tokens)
         else:
@@ -226,8 +203,6 @@ class Tokenizer:
             ids += [self.special_tokens[part]] if k % 2 else self.encode_ordinary(part)
         return ids
 
-    # ------------------------------------------------------------------------- decoding
-
     def decode_bytes(self, ids) -> bytes:
         """The exact bytes of a sequence of ids, so decoding in parts gives the whole."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, tensors
@@ -241,20 +216,15 @@ class Tokenizer:
         return b"".join(tokens)
 
     def decode(self, ids) -> str:
-        """Decode to text; bytes that are not UTF-8 (a character cut off at the end of a
-        sequence) become U+FFFD instead of raising."""
+        """Decode to text; bytes that are not UTF-8 (a cut-off character) become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    # ------------------------------------------------------------------------- files
 
     def save(self, path) -> None:
         """Write a readable JSON file (a merge per line), atomically and durably."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         head = {"format": FORMAT, "version": 1, "pattern": self.pattern}
-        head = json.dumps(
-            {**head, "special_tokens": self.special_tokens}, ensure_ascii=False, indent=1
-        )
+        head["special_tokens"] = self.special_tokens
+        head = json.dumps(head, ensure_ascii=False, indent=1)
         merges = ",\n  ".join(f"[{a}, {b}]" for a, b in self.merges)
         write_atomic(path, f'{head[:-2]},\n "merges": [\n  {merges}\n ]\n}}\n')  # a merge a line
 
@@ -273,9 +243,8 @@ class Tokenizer:
         try:
             obj = json.loads(raw)
         except ValueError as e:
-            raise TokenizerError(
-                f"not valid JSON, the file is corrupt or truncated ({e})"
-            ) from None
+            message = f"not valid JSON, the file is corrupt or truncated ({e})"
+            raise TokenizerError(message) from None
         ours = isinstance(obj, dict) and obj.get("format") == FORMAT
         _require(ours, f'not a {FORMAT} tokenizer file (no "format": "{FORMAT}" field)')
         version = obj.get("version")
@@ -285,12 +254,10 @@ class Tokenizer:
         _require(all(isinstance(v, t) for v, t in kinds), "a field is missing or of a wrong type")
         for rank, m in enumerate(merges, 256):
             ok = isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
-            _require(
-                ok and 0 <= min(m) <= max(m) < rank,
-                f"merge {rank - 256} is {m!r}, expected [id, id] of earlier tokens",
-            )
-        first = 256 + len(merges)
-        ids = list(range(first, first + len(specials)))
+            if not (ok and 0 <= min(m) <= max(m) < rank):
+                message = f"merge {rank - 256} is {m!r}, expected [id, id] of earlier tokens"
+                raise TokenizerError(message)
+        ids = [256 + len(merges) + k for k in range(len(specials))]
         _require(list(specials.values()) == ids, "special token ids must follow the merges")
         return cls(pattern, merges, list(specials))
 
@@ -300,29 +267,10 @@ def _require(condition, message: str) -> None:
         raise TokenizerError(message)
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def _count_pieces(texts, pattern: str, special_tokens: list) -> Counter:
-    """How often each piece occurs in texts. Special tokens' text is cut out first, so that no
-    piece holds a part of one."""
-    split, counts = Tokenizer(pattern, (), ()).split, Counter()
-    names = sorted(special_tokens, key=len, reverse=True)
-    cut = re.compile("|".join(map(re.escape, names))).split if names else lambda text: [text]
-    for text in texts:
-        for part in cut(text):
-            counts.update(split(part))
-    return counts
-
-
 def _learn_merges(counts: Counter, n_merges: int) -> list:
-    """Plain BPE over the distinct pieces, each weighted by its count: merge the most frequent
-    adjacent pair (ties: the smallest (left id, right id)) everywhere, n_merges times. A pair
-    whose bytes are already a token is skipped: each token's bytes have one id, as in tiktoken.
-
-    A piece is held as a str whose characters are token ids (chr(id)), so a merge is one
-    str.replace, which merges left to right as BPE does ("aaa" -> [aa, a]). Pair counts are kept
-    up to date merge by merge (_apply_merge), and a heap finds the most frequent pair."""
+    """Plain BPE over the pieces, weighted by count: merge the most frequent pair (ties: the
+    smallest) n_merges times, skipping pairs whose bytes are a token already (as tiktoken). A
+    piece is a str of token ids (chr(id)): a merge is one str.replace ("aaa" -> [aa, a])."""
     words = [piece.encode("utf-8").decode("latin-1") for piece in counts]  # char i is byte i
     weights = list(counts.values())
     pair_counts, where = defaultdict(int), defaultdict(list)  # pair -> count, -> its words
@@ -337,9 +285,8 @@ def _learn_merges(counts: Counter, n_merges: int) -> list:
     while len(merges) < n_merges:
         if not heap:
             raise TokenizerError(
-                f"the training text is too small: it only allows {len(merges)} "
-                f"merges, {n_merges} are needed; use more text or a smaller "
-                f"vocab_size"
+                f"the training text is too small: it only allows {len(merges)} merges, "
+                f"{n_merges} are needed; use more text or a smaller vocab_size"
             )
         negative_count, pair = heapq.heappop(heap)
         count = pair_counts[pair]

@@ -6,11 +6,8 @@
     python train.py [CONFIG] [--key=value ...] [--resume[=auto]] [--overwrite]
     python train.py --consolidate OUT_DIR             # FSDP checkpoint -> OUT_DIR/ckpt-N.pt
 
-The loop: AdamW, a learning-rate schedule chosen by name (warmup, then cosine or WSD), gradient
-accumulation up to a global batch given in tokens, gradient clipping, bf16 autocast over fp32
-master weights, optional activation checkpointing and per-block torch.compile; DDP or FSDP2
-under torchrun; evaluation in bits per byte; logs, atomic checkpoints and exact resume.
-The run folder, distributed setup, logs and checkpoints are infra/'s; this file is the recipe.
+This file is the recipe (schedules, optimizer, model, one optimizer step, evaluation) and the
+loop; the run folder, ranks, logs and checkpoints are infra/'s.
 """
 
 import argparse

@@ -1,16 +1,16 @@
 """Training configuration: one dataclass, plain-Python config files, validated CLI overrides.
 
-A config file (e.g. config/7b.py) is ordinary Python that builds `config = TrainConfig(...)`;
-it is run in a namespace of its own (runpy), so nothing leaks into the trainer's globals.
-Overrides are `--key=value` for training keys and `--model.key=value` for model keys. Every key
-is checked when the config is built: an unknown key, a value of the wrong type or out of range
-is a one-line error naming what would be valid.
+A config file (e.g. config/7b.py) is Python that builds `config = TrainConfig(...)`, run in a
+namespace of its own. Overrides are `--key=value` and `--model.key=value`. Every key is checked
+when the config is built: an unknown key, a wrong type or a value out of range is one line
+naming what would be valid.
 """
 
 import dataclasses
 import difflib
 import json
 import math
+import re
 import runpy
 import types
 import typing
@@ -110,10 +110,6 @@ def _at_least_0(value) -> bool:
     return math.isfinite(value) and value >= 0
 
 
-def _device(value: str) -> bool:
-    return value in ("auto", "cpu", "cuda") or (value[:5] == "cuda:" and value[5:].isdigit())
-
-
 COUNTS = "tokenizer_max_bytes max_steps eval_interval eval_tokens log_interval ckpt_interval"
 COUNTS += " keep_checkpoints max_bad_steps"
 
@@ -138,7 +134,8 @@ RULES = {
     "adam_eps": (_positive, "a positive number"),
     "grad_clip": (_at_least_0, "a number > 0, or 0 for no clipping"),
     "seed": (lambda v: 0 <= v < 2**62, "an integer in [0, 2**62)"),
-    "device": (_device, "auto, cpu, cuda or cuda:N"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v),
+               "auto, cpu, cuda or cuda:N"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
     "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
     "data_dir": (bool, "a folder path"),
@@ -176,7 +173,6 @@ def _check_types(obj, prefix: str):
 @dataclass(frozen=True)
 class BatchPlan:
     """How the global batch is split: micro-batches per rank per forward, and how many of them."""
-
     micro_batch_size: int
     accum_steps: int
     global_batch_tokens: int
@@ -184,14 +180,10 @@ class BatchPlan:
 
 
 def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """Split global_batch_tokens into world_size x accum_steps micro-batches.
-
-    micro_batch_size is an upper bound: the largest micro-batch that divides each rank's share of
-    the global batch is used. A global batch that is not a whole number of sequences per rank is
-    rounded to the nearest multiple of micro_batch_size x max_seq_len x world_size, so that full
-    micro-batches still fit (or, when it is smaller than that, of max_seq_len x world_size). Only
-    a global batch smaller than one sequence per rank is an error.
-    """
+    """Split global_batch_tokens into world_size x accum_steps micro-batches of the largest size
+    up to micro_batch_size that divides each rank's share. A global batch that is not a whole
+    number of sequences per rank is rounded to the nearest multiple of micro_batch_size x
+    max_seq_len x world_size (or of max_seq_len x world_size when smaller than that)."""
     if cfg.micro_batch_size == 0:
         raise ConfigError("micro_batch_size=0 is fitted to the GPU as the run starts; give a size")
     seq = cfg.model.max_seq_len
@@ -318,8 +310,7 @@ def flat(config: TrainConfig) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Build the config from an optional config file, then apply the overrides. (With init_from the
-    model comes from there: infra/run.py's run_config applies it.)"""
+    """The config file (or the defaults) with the overrides; infra/run.py applies init_from."""
     return with_values(load_file(path), parse_overrides(list(overrides)))
 
 
