@@ -5,6 +5,7 @@ as a Hugging Face Llama model.
     echo "To be" | python sample.py --ckpt out --num-samples 3 --seed 1
     python sample.py --ckpt path/to/TinyLlama-1.1B --prompt "The capital of France is"
     python sample.py --ckpt out --export-hf out/hf
+    python sample.py --ckpt out/best --score data/tinyshakespeare.txt   # bits per byte on a text
 
 Generation uses the model's KV cache: one forward pass over the prompt ("prefill"), then one
 position per new token, instead of running the whole text through the model again for each token.
@@ -21,6 +22,7 @@ import torch
 from infra import hf
 from infra.files import error_line, first_line
 from infra.inference import load_checkpoint
+from infra.score import score_text
 from tokenizer import UserError
 
 
@@ -28,9 +30,7 @@ class SampleError(UserError):
     """A problem with the user's input (files, parameters, prompt); its message is one line."""
 
 
-# -----------------------------------------------------------------------------
-# Sampling
-
+# ----------------------------------------------------------------------------- sampling
 
 def check_sampling_params(max_new_tokens, temperature, top_k, top_p, num_samples):
     if max_new_tokens < 1:
@@ -145,9 +145,7 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
+# ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -167,7 +165,20 @@ def parse_args(argv):
     add("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder (weights, config, "
         "tokenizer) to DIR, new or empty, instead of sampling")
     add("--overwrite", action="store_true", help="with --export-hf: replace an earlier export")
+    add("--score", metavar="FILE", help="print the model's bits per byte on FILE (last number)")
+    add("--stride", type=int, help="with --score: how far each window moves (default: context)")
     return p.parse_args(argv)
+
+
+def read_text(path, what: str) -> str:
+    """A UTF-8 file (or stdin for None), or one line saying why it cannot be read."""
+    try:
+        if path is None:
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"cannot read {what} from {path or 'stdin'}: {first_line(e)}") from None
 
 
 def read_prompt(args):
@@ -176,26 +187,25 @@ def read_prompt(args):
         return args.prompt
     if args.prompt_file is None and (sys.stdin is None or sys.stdin.isatty()):
         return ""
-    try:
-        if args.prompt_file is None:
-            return sys.stdin.read()
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        source = args.prompt_file or "stdin"
-        raise SampleError(f"cannot read the prompt from {source}: {first_line(e)}") from None
+    return read_text(args.prompt_file, "the prompt")
 
 
 def run(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
         raise SampleError("--device cuda was given but CUDA is not available")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device if args.device != "auto" else "cuda" if cuda else "cpu"
     if args.export_hf is not None:
         model, tokenizer, _ = load_checkpoint(args.ckpt, "cpu")
         hf.export(model, tokenizer, args.export_hf, overwrite=args.overwrite)
         print(f"wrote a Hugging Face Llama model to {args.export_hf}", file=sys.stderr)
+        return 0
+    if args.score is not None:  # infra/score.py: every token once, in windows of the context
+        text = read_text(args.score, "the text to score")
+        model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+        r = score_text(model, tokenizer, text, args.stride)
+        print(f"{args.score}: {r['tokens']:,} tokens, {r['bytes']:,} bytes, {r['val_loss']:.4f} "
+              f"nats/token, bits per byte {r['bpb']:.4f}")
         return 0
     check_sampling_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           args.num_samples)
@@ -228,15 +238,12 @@ def run(args):
         for ids in samples:
             # After a prompt, the bytes of the new tokens, as streaming writes them: decode() would
             # take a SentencePiece-style space before the first new word for a text's prefix space.
-            if prompt:
-                text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
-            else:
-                text = tokenizer.decode(ids)
+            text = tokenizer.decode_bytes(ids).decode("utf-8", "replace") if prompt \
+                else tokenizer.decode(ids)
             sys.stdout.write(prompt + text + "\n" + "-" * 40 + "\n")
     n = sum(map(len, samples))
-    rate = f"{n / seconds:.1f} tokens/s on {device}"
-    print(f"[{n} tokens in {seconds:.2f} s, {rate}]", file=sys.stderr)
-
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s on {device}]",
+          file=sys.stderr)
     return 0
 
 

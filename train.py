@@ -11,14 +11,13 @@ loop; the run folder, ranks, logs and checkpoints are infra/'s.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -207,9 +206,10 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
         batch = 2 * plan.micro_batch_size  # no gradients or activations kept: twice training's
         result = evaluate(model, val_data, cfg, batch, token_bytes, rt, autocast, stop)
         if result is not None:
-            loss, bpb = result["val_loss"], result["val_bpb"]
-            line = f"step {step}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte"
-            logger.event("eval", step, line, elapsed_s=round(elapsed(), 1), **result)
+            loss, bpb, seconds = result["val_loss"], result["val_bpb"], elapsed()
+            line = f"step {step}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
+            logger.event("eval", step, line + f"({seconds:.0f}s)", elapsed_s=round(seconds, 1),
+                         **result)
         return result
 
     # the loop: schedule, step, log, eval, checkpoint
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
     meter = Meter(rt, dtype, model.flops_per_token(), plan.global_batch_tokens)
     seq, bad_steps = cfg.model.max_seq_len, 0
     sequences = plan.global_batch_tokens // seq
-    with distributed.StopVote(rt) as vote, contextlib.closing(logger):
+    with distributed.StopVote(rt) as vote, closing(logger):
         if step == 0 and log_eval(vote.agreed) is None:  # the untrained model's loss, a baseline
             return stopped(save, logger, step)
         meter.start(step)
@@ -233,8 +233,8 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
                 return stopped(save, logger, step)
             step += 1  # also after a skipped update: the same batch again would fail the same way
             loss, grad_norm = result
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                bad_steps += 1
+            bad_steps = 0 if math.isfinite(loss) and math.isfinite(grad_norm) else bad_steps + 1
+            if bad_steps:  # the weights are still the last good step's
                 line = f"step {step}: loss or gradient is not finite, update skipped"
                 logger.event("nonfinite", step, line)
                 if bad_steps >= cfg.max_bad_steps:
@@ -243,9 +243,7 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
                     line = f"{bad_steps} non-finite steps in a row: stopping; "
                     logger.event("abort", step, line + (where or "no checkpoint was saved yet"))
                     return 1
-                continue
-            bad_steps = 0
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            elif step % cfg.log_interval == 0 or step == cfg.max_steps:
                 epoch = train_data.epoch(step, sequences, seq)
                 record, line = meter.report(step, cfg.max_steps, loss, lr, grad_norm, epoch)
                 logger.log({**record, "elapsed_s": round(elapsed(), 1)}, line)
@@ -274,8 +272,7 @@ def stopped(save, logger, step: int) -> int:
 
 
 def print_sample(model, tokenizer, cfg: TrainConfig, rt, autocast):
-    """A short sample from the trained model (single-process or DDP: FSDP shards need
-    consolidating first)."""
+    """A short sample from the trained model (FSDP's shards need consolidating first)."""
     from sample import generate
     model.eval()
     prompt = tokenizer.encode_ordinary("\n")
@@ -299,7 +296,8 @@ def parse_args(argv):
     add("--trace", action="store_true", help="with --dry-run: trace a step on fake tensors too")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     add("--world-size", type=int, default=world_size, help="ranks assumed by --dry-run")
-    add("--consolidate", metavar="OUT_DIR", help="gather an FSDP checkpoint into OUT_DIR/ckpt-N.pt")
+    add("--consolidate", metavar="DIR", help="gather an FSDP checkpoint (a run's newest, or one "
+        "ckpt-N/) into ckpt-N.pt")
     return parser.parse_known_args(argv)
 
 

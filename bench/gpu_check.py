@@ -48,8 +48,10 @@ VOCAB = 512  # the tokenizer every check uses; the 7B-width model keeps its 3200
 FP32_TOLERANCE, BF16_TOLERANCE = 1e-3, 0.03
 
 
-def small_model(cuda: bool) -> list[str]:
-    """The model of the mode checks: the default model's shape on a GPU, a smaller one on a CPU."""
+def small_model(cuda: bool, ranks: int) -> list[str]:
+    """The model of the mode checks: the default model's shape on a GPU, a smaller one on a CPU.
+    The global batch is a whole number of sequences per rank, so every mode trains on the same
+    batches (about 16 sequences)."""
     shape = (
         {"dim": 192, "n_layers": 4, "n_heads": 6, "ffn_hidden": 512, "max_seq_len": 128}
         if cuda
@@ -59,7 +61,7 @@ def small_model(cuda: bool) -> list[str]:
         f"--model.vocab_size={VOCAB}",
         "--model.dropout=0.0",
         "--micro_batch_size=8",
-        f"--global_batch_tokens={16 * shape['max_seq_len']}",
+        f"--global_batch_tokens={max(1, 16 // ranks) * ranks * shape['max_seq_len']}",
         "--lr=3e-3",
         "--warmup_steps=0",
     ]
@@ -144,7 +146,7 @@ class Checker:
             *([] if self.cuda else ["--device=cpu"]),
         ]
 
-    def train(self, name: str, overrides: list[str], nproc: int = 0, data: str = "data") -> dict:
+    def train(self, name: str, overrides: list[str], nproc: int = 0, data: str = "data") -> list:
         """Run a check's `train.py`: its log records, or raises."""
         command = self.command(name, overrides, nproc, data)
         result = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True)
@@ -189,7 +191,7 @@ class Checker:
 def mode_checks(checker: Checker, compile_blocks: bool):
     """Three steps in each mode, from the same weights on the same batches: the losses must
     agree."""
-    model = small_model(checker.cuda)
+    model = small_model(checker.cuda, checker.ranks)
     modes = [
         ("fp32", ["--dtype=float32"], 0),
         ("bf16", ["--dtype=bfloat16"], 0),
@@ -242,7 +244,8 @@ def wide_check(checker: Checker, layers: int, steps: int):
         )  # DCP: a folder
         size = sum(f.stat().st_size for f in files)
         estimate = estimate_memory(
-            apply_overrides(load_config("config/7b.py"), overrides[1:]), checker.ranks
+            apply_overrides(load_config(str(ROOT / "config" / "7b.py")), overrides[1:]),
+            checker.ranks,
         )
         figures.update(
             params=next(r["params"] for r in log if r.get("event") == "start"),
@@ -287,7 +290,7 @@ def sampling_checks(checker: Checker, trained: Path, layers: int):
         "KV-cache decoding at the 7B width" if checker.cuda else "KV-cache decoding"
     ) as figures:
         config = apply_overrides(
-            load_config("config/7b.py"), wide_model(checker.cuda, layers, 1)[1:]
+            load_config(str(ROOT / "config" / "7b.py")), wide_model(checker.cuda, layers, 1)[1:]
         ).model
         device = torch.device("cuda" if checker.cuda else "cpu")
         with torch.device("meta"):

@@ -260,8 +260,7 @@ def valid_keys() -> list[str]:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`--key=value` strings -> {key: typed value} ("model.dim" for model keys), each checked by
-    name and type."""
+    """`--key=value` strings -> {key: typed value} ("model.dim" for model keys), type-checked."""
     train_types, model_types = _field_types(TrainConfig), _field_types(ModelConfig)
     values = {}
     for override in overrides:

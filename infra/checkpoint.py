@@ -38,6 +38,25 @@ class CheckpointError(UserError):
     do."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read at all (cut short, overwritten): resume moves it
+    aside and takes the one before."""
+
+
+def _dcp(call, *args, **kwargs):
+    """A torch.distributed.checkpoint call; its failures (a BaseException in torch 2.13: a full
+    disk, a missing shard) become one line."""
+    try:
+        return call(*args, **kwargs)
+    except BaseException as error:  # torch's CheckpointException is not an Exception
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(
+            f"a sharded checkpoint failed ({first_line(error)[:300]}); if a disk "
+            "is full, free space and resume (older checkpoints are kept)"
+        ) from None
+
+
 def path_for(out_dir, step: int, sharded: bool) -> Path:
     return Path(out_dir) / f"ckpt-{step:06d}{'' if sharded else '.pt'}"
 
@@ -149,7 +168,7 @@ def safe_load(path: Path, mmap: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many kinds for a damaged file
-        raise CheckpointError(
+        raise CorruptCheckpoint(
             f"checkpoint {path} is corrupt or not a checkpoint ({first_line(error)[:200]})"
         ) from None
     if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
@@ -206,7 +225,8 @@ def save(
         tmp = final.with_name(final.name + ".tmp")
         model_state, optimizer_state = get_state_dict(model, optimizer)
         # DCP's own collectives on the host group: a slow filesystem must not trip NCCL's watchdog
-        dcp.save(
+        _dcp(
+            dcp.save,
             {"model": model_state, "optimizer": optimizer_state},
             checkpoint_id=tmp,
             process_group=group,
@@ -256,21 +276,22 @@ def load(path: Path, model, optimizer, check=lambda train_state: None, group=Non
     check(train_state)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path, process_group=group)
+    _dcp(dcp.load, state, checkpoint_id=path, process_group=group)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
     return train_state
 
 
-def consolidate(out_dir) -> Path:
-    """Gather the newest sharded checkpoint OUT_DIR/ckpt-N/ into OUT_DIR/ckpt-N.pt (model weights,
-    config, step), in one process. Only the model's tensors are read, so this needs memory for the
-    weights alone (27 GB for 7B)."""
+def consolidate(path) -> Path:
+    """Gather a sharded checkpoint RUN/ckpt-N/ (`path` itself, or the newest of the run folder
+    `path`) into RUN/ckpt-N.pt (model weights, config, step), in one process. Only the model's
+    tensors are read, so this needs memory for the weights alone (27 GB for 7B)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    folder = latest(out_dir, sharded=True)
+    out_dir = Path(path)
+    folder = out_dir if (out_dir / ".metadata").is_file() else latest(out_dir, sharded=True)
     if folder is None:
         raise CheckpointError(f"no complete sharded checkpoint (ckpt-N/ folder) in {out_dir}")
     train_state = safe_load(folder / TRAIN_STATE_FILE)
@@ -282,8 +303,8 @@ def consolidate(out_dir) -> Path:
     }
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model_state}, storage_reader=reader, no_dist=True)
-    path = path_for(out_dir, step_of(folder), sharded=False)
+        _dcp(dcp.load, {"model": model_state}, storage_reader=reader, no_dist=True)
+    target = path_for(folder.parent, step_of(folder), sharded=False)
     atomic_save(
         {
             "version": FORMAT_VERSION,
@@ -291,6 +312,6 @@ def consolidate(out_dir) -> Path:
             "step": train_state["step"],
             "config": train_state["config"],
         },
-        path,
+        target,
     )
-    return path
+    return target

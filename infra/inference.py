@@ -29,6 +29,13 @@ def load_checkpoint(path, device="cpu"):
     if (path / hf.CONFIG_FILE).is_file():
         model, tokenizer = hf.load_folder(path, device, dtype)
         return model, tokenizer, {"model": dataclasses.asdict(model.config)}
+    if (path / ".metadata").is_file():  # one sharded checkpoint (an FSDP run's best, say)
+        if not path.with_name(path.name + ".pt").is_file():
+            raise CheckpointError(
+                f"{path} is a sharded FSDP checkpoint; gather it into one file "
+                f"first: python train.py --consolidate {path}"
+            )
+        path = path.with_name(path.name + ".pt")  # what --consolidate wrote
     if path.is_dir():
         ckpt_path, out_dir = checkpoint.latest(path, sharded=False), path
         if ckpt_path is None and checkpoint.latest(path, sharded=True) is not None:

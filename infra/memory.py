@@ -16,13 +16,14 @@ the trace, which needs torch's testing internals, runs only when asked for.
 
 import contextlib
 import dataclasses
+import socket
 import time
 from typing import Callable
 
 import torch
 
-from config import ConfigError, TrainConfig, plan_batch
-from infra.distributed import Runtime, StopVote, compute_dtype
+from config import TrainConfig, plan_batch
+from infra.distributed import RankError, Runtime, StopVote, compute_dtype
 from infra.distributed import autocast as distributed_autocast
 from model import LOSS_CHUNK_ELEMENTS, Transformer
 
@@ -367,12 +368,12 @@ def check_memory_fits(cfg: TrainConfig, rt):
             "the GPU",
             flush=True,
         )
-    if need > have:
-        raise ConfigError(
+    if need > have:  # each rank says it: GPUs of one job may differ
+        raise RankError(
             f"a GPU needs {need / GiB:.0f} GiB but has {have / GiB:.0f} GiB; use "
             "--parallel=fsdp with more GPUs, a smaller --micro_batch_size, or "
             "--activation_checkpointing=true (python train.py CONFIG --dry-run --trace shows the "
-            "breakdown)"
+            f"breakdown); rank {rt.rank} on {socket.gethostname()}"
         )
 
 

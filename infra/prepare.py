@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from config import TrainConfig
 from data import META_FORMAT, META_VERSION, TOKENIZER_FILE, DataError, read_meta
 from infra import bpe_train, corpus, files
 from infra.corpus import list_sources, read_documents, sample_texts, val_share
@@ -55,7 +56,7 @@ from tokenizer import Tokenizer, UserError
 MANIFEST = "prepare.json"  # an unfinished prepare: its settings and last checkpoint
 SHARD_TOKENS = 100_000_000
 CHECKPOINT_SECONDS = 30
-VAL_MAX_BYTES = 100_000_000  # the val split holds at most about this much input
+DEFAULTS = TrainConfig()  # the defaults of the settings a prepare shares with a training run
 SPLITS = ("train", "val")
 PART = re.compile(r"part-\d{5}")
 EMPTY_VOLUME = {"lost+found"}  # the root of a fresh ext4 volume counts as empty
@@ -387,13 +388,13 @@ def prepare(
     out_dir: str,
     vocab_size: int | None = None,
     tokenizer_path: str | None = None,
-    val_fraction: float = 0.1,
-    tokenizer_max_bytes: int = 200_000_000,
+    val_fraction: float = DEFAULTS.val_fraction,
+    tokenizer_max_bytes: int = DEFAULTS.tokenizer_max_bytes,
     num_workers: int | None = None,
     verbose: bool = True,
     *,
-    val_max_bytes: int | None = VAL_MAX_BYTES,
-    text_field: str = "text",
+    val_max_bytes: int | None = DEFAULTS.val_max_bytes,
+    text_field: str = DEFAULTS.text_field,
     tokenizer_memory_budget: int | None = None,
     part: tuple[int, int] | None = None,
 ) -> dict:
@@ -729,16 +730,27 @@ def main(argv=None):
     )
     parser.add_argument("--tokenizer", help="use this tokenizer file instead of training one")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of documents held out for val"
+        "--val-fraction",
+        type=float,
+        default=DEFAULTS.val_fraction,
+        help="share of documents held out for val",
     )
     parser.add_argument(
-        "--val-max-bytes", type=int, default=VAL_MAX_BYTES, help="at most this much input held out"
+        "--val-max-bytes",
+        type=int,
+        default=DEFAULTS.val_max_bytes,
+        help="at most this much input held out",
     )
     parser.add_argument(
-        "--text-field", default="text", help="the field (.jsonl) or column (.parquet) with the text"
+        "--text-field",
+        default=DEFAULTS.text_field,
+        help="the field (.jsonl) or column (.parquet) with the text",
     )
     parser.add_argument(
-        "--tokenizer-max-bytes", type=int, default=200_000_000, help="tokenizer sample size"
+        "--tokenizer-max-bytes",
+        type=int,
+        default=DEFAULTS.tokenizer_max_bytes,
+        help="tokenizer sample size",
     )
     parser.add_argument(
         "--tokenizer-memory-budget",

@@ -88,8 +88,8 @@ def run_config(path: str | None, overrides: list[str]) -> TrainConfig:
 
 
 def newest_checkpoint(out_dir) -> Path | None:
-    """The newest checkpoint of either kind: a run started with parallel=ddp and relaunched with
-    fsdp (or the other way) is still the same run."""
+    """The newest checkpoint of either kind (ckpt-N.pt or an FSDP run's ckpt-N/): a run relaunched
+    with the other parallel mode is still that run, which continues in the mode it was saved in."""
     found = checkpoint.list_checkpoints(out_dir, False) + checkpoint.list_checkpoints(out_dir, True)
     # on a tie, the training checkpoint: `--consolidate` writes ckpt-N.pt beside ckpt-N/
     return max(found, key=lambda path: (checkpoint.step_of(path), path.is_dir()), default=None)
@@ -100,6 +100,8 @@ def start_config(
 ) -> tuple[TrainConfig, Path | None, dict]:
     """The run's config, the checkpoint to resume from (None: a fresh start) and the config changes
     made on resume ({key: (old, new)}, to log)."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run and --overwrite deletes it: give one of them")
     values = parse_overrides(overrides)
     file_config = load_file(path)
     # Where the run lives: enough to look for its checkpoint (the model may come later, from
@@ -112,6 +114,15 @@ def start_config(
             "(or use --resume=auto)"
         )
     if found is None or not resume:
+        if (
+            overwrite
+            and run.init_from
+            and Path(run.init_from).resolve() == Path(run.out_dir).resolve()
+        ):
+            raise ConfigError(
+                "--overwrite would delete the checkpoints init_from starts from; "
+                "choose another --out_dir"
+            )
         if found is not None and not overwrite:
             mode = " (a parallel=fsdp run: under torchrun)" if found.is_dir() else ""
             raise ConfigError(
@@ -144,7 +155,7 @@ def readable_checkpoint(out_dir) -> tuple[Path, dict]:
     for path in sorted(found, key=lambda p: (checkpoint.step_of(p), p.is_dir()), reverse=True):
         try:
             return path, checkpoint.read_train_state(path)["config"]
-        except checkpoint.CheckpointError as error:
+        except checkpoint.CorruptCheckpoint as error:
             if int(os.environ.get("RANK", 0)) == 0:
                 path.rename(path.with_name(path.name + ".corrupt"))
                 print(
@@ -195,6 +206,9 @@ def prepare_out_dir(cfg: TrainConfig, rt: Runtime, overwrite: bool, resuming: bo
             (out_dir / "log.jsonl").unlink(missing_ok=True)
             (out_dir / checkpoint.BEST_FILE).unlink(missing_ok=True)
             shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        log = out_dir / "log.jsonl"
+        if log.exists() and not resuming:  # a run that died before its first checkpoint
+            log.rename(out_dir / f"log-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         (out_dir / ".run").write_text(f"{os.getpid()} {time.time()}")
     check_shared_files(rt, out_dir / ".run", "run folder")
     if cfg.init_from and not resuming:
@@ -265,6 +279,7 @@ class Checkpointer:
         self.data = {"tokenizer_fingerprint": fingerprint, "train_tokens": train_data.num_tokens}
         self.config = dataclasses.asdict(config)
         self.best = None  # {"step": ..., "val_bpb": ...}
+        self.saved_step = None  # the step of the newest checkpoint: no rank asks the disk
 
     def is_best(self, step: int, val_bpb: float) -> bool:
         """Note an evaluation; True when it is the best so far (then save it)."""
@@ -281,9 +296,9 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, elapsed_s: float) -> tuple[Path, float] | None:
         """The checkpoint of `step`, unless the newest already is (a stop right after a resume):
         its path and the seconds it took."""
-        newest, record = newest_checkpoint(self.out_dir), None
+        record = None
         best = self.best and checkpoint.path_for(self.out_dir, self.best["step"], self.sharded)
-        if newest is None or checkpoint.step_of(newest) != step:
+        if self.saved_step != step:
             began = time.time()
             state = {
                 "step": step,
@@ -306,7 +321,7 @@ class Checkpointer:
             )
             if self.rt.is_main:
                 self.tokenizer.save(self.out_dir / TOKENIZER_FILE)
-            self.last_save = time.time()
+            self.last_save, self.saved_step = time.time(), step
             record = path, self.last_save - began
         if self.rt.is_main and self.best and self.best["step"] == step:
             write_atomic(
@@ -318,7 +333,7 @@ class Checkpointer:
     def resume(self, path: Path, model, optimizer) -> tuple[int, float]:
         """Load the checkpoint at `path` into model and optimizer; (its step, its elapsed time)."""
         state = checkpoint.load(path, model, optimizer, self._check_same_data, self.rt.host_group)
-        self.best = state.get("best")
+        self.best, self.saved_step = state.get("best"), state["step"]
         restore_rng(state["rng"], self.rt, self.cfg.seed, state["step"])
         if self.rt.is_main:
             truncate_log(self.out_dir, state["step"])

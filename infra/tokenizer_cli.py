@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from config import TrainConfig
 from infra.bpe_train import MIN_MEMORY_BUDGET, check_memory_budget, train_tokenizer
 from infra.fast_encode import accelerate
 from infra.files import error_line
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--text-field",
-        default="text",
+        default=TrainConfig().text_field,
         help="the field of .jsonl records / column of .parquet files",
     )
     args = p.parse_args(argv)

@@ -587,3 +587,65 @@ def test_a_corrupt_newest_checkpoint_names_the_one_before_and_best_names_the_bes
     err = capsys.readouterr().err.strip()
     assert "corrupt" in err and f"use the one before it: --ckpt {older}" in err
     assert len(err.splitlines()) == 1
+
+
+def test_score_counts_every_token_once_whatever_the_stride(ckpt_dir):
+    """A text inside one context window: every stride scores each token once, so all give the
+    nats of one forward pass over the whole text; a longer text is scored token for token too."""
+    import math
+
+    from infra.score import score_text
+
+    model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
+    context = model.config.max_seq_len
+    text = "ROMEO: But soft, what light"
+    ids = [tokenizer.eos_id] + tokenizer.encode_ordinary(text)
+    assert len(ids) <= context
+    _, loss = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+    whole = loss.item() * (len(ids) - 1)
+    for stride in (1, 3, context):
+        result = score_text(model, tokenizer, text, stride)
+        assert result["tokens"] == len(ids) - 1
+        assert result["nats"] == pytest.approx(whole, rel=1e-5)
+        assert result["bpb"] == pytest.approx(whole / (math.log(2) * len(text.encode())), rel=1e-5)
+    long_text = text * 40
+    assert len(tokenizer.encode_ordinary(long_text)) > 3 * context
+    disjoint, overlapping = (score_text(model, tokenizer, long_text, s) for s in (context, 8))
+    assert disjoint["tokens"] == overlapping["tokens"] == len(tokenizer.encode_ordinary(long_text))
+
+
+def test_score_of_uniform_logits_is_log_vocab_per_token(ckpt_dir, tmp_path, capsys):
+    """A model with all-zero logits loses ln(V) nats on every token: bpb = n ln V / (ln 2 bytes).
+    The command line prints that number last."""
+    import math
+
+    import sample
+    from infra.score import score_text
+
+    model, tokenizer, _ = load_checkpoint(ckpt_dir, "cpu")
+    with torch.no_grad():
+        model.output.weight.zero_()
+    text = "To be, or not to be, that is the question.\n" * 30
+    result = score_text(model, tokenizer, text, stride=16)
+    vocab = model.config.vocab_size
+    want = result["tokens"] * math.log(vocab) / (math.log(2) * len(text.encode()))
+    assert result["bpb"] == pytest.approx(want, rel=1e-6)
+    (tmp_path / "text.txt").write_text(text)
+    assert sample.main(["--ckpt", str(ckpt_dir), "--score", str(tmp_path / "text.txt")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(
+        f"bits per byte {score_text(*load_checkpoint(ckpt_dir)[:2], text)['bpb']:.4f}"
+    )
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    assert sample.main(["--ckpt", str(ckpt_dir), "--score", str(tmp_path / "bad.txt")]) == 2
+    assert "cannot read the text to score" in capsys.readouterr().err
+
+
+def test_a_sharded_checkpoint_folder_says_to_consolidate_it(tmp_path):
+    from infra.checkpoint import CheckpointError
+
+    folder = tmp_path / "run" / "ckpt-000004"
+    folder.mkdir(parents=True)
+    (folder / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="python train.py --consolidate .*ckpt-000004"):
+        load_checkpoint(folder)

@@ -428,7 +428,7 @@ def test_prepare_gives_each_document_the_ids_of_the_whole(
         [tok.bos_id] if tok.bos_id is not None else [],
     )
     for piece in corpus.read_documents(
-        sources, corpus.val_share(sources, 0.2, preparing.VAL_MAX_BYTES)
+        sources, corpus.val_share(sources, 0.2, preparing.DEFAULTS.val_max_bytes)
     ):
         document += piece.text
         if piece.ends:

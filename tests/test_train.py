@@ -790,3 +790,44 @@ def test_the_best_val_checkpoint_is_kept_and_named(data_dir, tmp_path, monkeypat
     assert "ckpt-000002.pt" in [
         p.name for p in checkpoint.list_checkpoints(tmp_path, sharded=False)
     ]
+
+
+def test_resume_and_overwrite_together_are_refused(data_dir, tmp_path, capsys):
+    """--resume continues a run and --overwrite deletes it: together they would delete the
+    checkpoint being resumed."""
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1")) == 0
+    assert (
+        train.main(tiny_args(data_dir, tmp_path, "--max_steps=2", "--resume", "--overwrite")) == 2
+    )
+    assert "give one of them" in capsys.readouterr().err
+    assert newest(tmp_path).name == "ckpt-000001.pt"
+
+
+def test_a_fresh_start_keeps_the_log_of_a_run_that_died_before_its_first_checkpoint(
+    data_dir, tmp_path
+):
+    (tmp_path / "log.jsonl").write_text('{"step": 150, "loss": 3.0}\n')
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1")) == 0
+    assert all(r["step"] <= 1 for r in read_log(tmp_path))
+    kept = list(tmp_path.glob("log-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"step": 150, "loss": 3.0}\n'
+
+
+def test_a_checkpoint_of_another_version_is_an_error_not_moved_aside(data_dir, tmp_path, capsys):
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1")) == 0
+    torch.save({"version": 99, "step": 5}, tmp_path / "ckpt-000005.pt")
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=6", "--resume")) == 2
+    assert "not a version-1 checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "ckpt-000005.pt").is_file() and not list(tmp_path.glob("*.corrupt"))
+
+
+def test_a_failed_sharded_save_is_one_line():
+    """torch.distributed.checkpoint's failures are BaseExceptions: they become CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    def fail(*args, **kwargs):
+        full = _wrap_exception(OSError(28, "No space left on device"))
+        raise CheckpointException("save", {0: full})
+
+    with pytest.raises(checkpoint.CheckpointError, match="a sharded checkpoint failed"):
+        checkpoint._dcp(fail)
