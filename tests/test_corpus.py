@@ -303,7 +303,7 @@ def test_binary_files_and_text_that_is_not_utf8(tmp_path, capsys):
 
 def test_a_truncated_zst_is_an_error_like_a_truncated_gz(tmp_path):
     """A .zst cut inside a frame is a one-line error, as the same cut .gz is; a file of several
-    frames is read whole (issue 23, item 4)."""
+    frames is read whole."""
     zstandard = pytest.importorskip("zstandard")
     text = "".join(f"line {i} of a compressed corpus\n" for i in range(30_000)).encode()
     whole = zstandard.ZstdCompressor().compress(text)
@@ -325,7 +325,7 @@ def test_a_truncated_zst_is_an_error_like_a_truncated_gz(tmp_path):
 def test_a_fifo_is_skipped_with_a_warning_and_named_is_an_error_that_says_what_it_is(
     tmp_path, capsys
 ):
-    """Issue 23, item 12: a FIFO in a folder was skipped silently, a named one "did not exist"."""
+    """A FIFO in a folder was skipped silently, a named one "did not exist"."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("some text\n")
     os.mkfifo(tmp_path / "in" / "pipe")

@@ -701,7 +701,7 @@ def test_the_data_keys_of_the_config():
             load_config(None, [bad])
 
 
-# ----------------------------------------------------------------------------- issue 23
+# ----------------------------------------------------------------------------- never losing work
 
 
 def wait_for(predicate, seconds=60.0) -> bool:
@@ -746,7 +746,7 @@ preparing.SHARD_TOKENS = 3000
 
 
 def test_a_second_prepare_of_a_folder_waits_for_the_first(tmp_path, tokenizer_file, monkeypatch):
-    """Issue 23, item 1: the second prepare of a folder in use "resumed" the first one's and cut
+    """The second prepare of a folder in use "resumed" the first one's and cut
     its shards. It waits, saying so, then finds the folder prepared."""
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:100_000])
     argv = [
@@ -785,7 +785,7 @@ def test_a_second_prepare_of_a_folder_waits_for_the_first(tmp_path, tokenizer_fi
 
 
 def test_parts_and_merge_refuse_a_folder_of_other_files(tmp_path, tokenizer_file):
-    """Issue 23, item 3: --part and --merge wrote into a folder holding other files, and --merge
+    """--part and --merge wrote into a folder holding other files, and --merge
     replaced a tokenizer.json it had not written."""
     (tmp_path / "c").mkdir()
     for k in range(2):
@@ -823,7 +823,7 @@ def test_parts_and_merge_refuse_a_folder_of_other_files(tmp_path, tokenizer_file
 def test_merge_refuses_parts_prepared_from_inputs_that_changed_between_them(
     tmp_path, tokenizer_file
 ):
-    """Issue 23, item 6: part 0/2, a file appended to, part 1/2: the merge lost or doubled text."""
+    """Part 0/2, a file appended to, part 1/2: the merge lost or doubled text."""
     (tmp_path / "c").mkdir()
     for k in range(2):
         (tmp_path / "c" / f"{k}.txt").write_text(SHAKESPEARE[k * 30_000 : (k + 1) * 30_000])
@@ -842,7 +842,7 @@ def test_merge_refuses_parts_prepared_from_inputs_that_changed_between_them(
 
 
 def test_a_finished_folder_whose_inputs_changed_is_an_error(tmp_path, tokenizer_file):
-    """Issue 23, item 7: a prepared folder kept serving the old tokens after its input grew."""
+    """A prepared folder kept serving the old tokens after its input grew."""
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
     inputs, out, tok = [str(tmp_path / "t.txt")], tmp_path / "out", str(tokenizer_file)
     meta = prepare(inputs, str(out), tokenizer_path=tok, verbose=False)
@@ -864,7 +864,7 @@ def test_a_finished_folder_whose_inputs_changed_is_an_error(tmp_path, tokenizer_
 
 
 def test_a_single_unit_corpus_is_not_told_to_change_val_fraction(tmp_path, tokenizer_file):
-    """Issue 23, item 12: one block of text, or one record, cannot be split whatever
+    """One block of text, or one record, cannot be split whatever
     val_fraction is; a corpus of several units can be, by raising it."""
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": SHAKESPEARE[:10_000]}) + "\n")
     with pytest.raises(
@@ -917,7 +917,7 @@ def alive(pid: int) -> bool:
 
 
 def test_encode_workers_exit_when_the_prepare_is_killed(tmp_path, tokenizer_file):
-    """Issue 23, item 9: kill -9 of data.py left its encode workers running for ever."""
+    """Kill -9 of data.py left its encode workers running for ever."""
     if not Path("/proc/self/stat").is_file():
         pytest.skip("needs /proc to see the workers")
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:300_000])

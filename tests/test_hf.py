@@ -789,7 +789,7 @@ def snapshot(folder):
 
 
 def test_export_never_writes_into_another_models_folder(folders, own_run, tmp_path, capsys):
-    """issue 23, item 2: a Hugging Face folder (the --init_from one, say) or a folder holding any
+    """A Hugging Face folder (the --init_from one, say) or a folder holding any
     other file is refused, --overwrite or not, and left exactly as it was."""
     hf_folder = copy_of(folders, tmp_path)
     notes = tmp_path / "notes"
@@ -807,7 +807,7 @@ def test_export_never_writes_into_another_models_folder(folders, own_run, tmp_pa
 
 
 def test_an_earlier_export_is_replaced_only_with_overwrite(own_run, tmp_path, capsys):
-    """issue 23, item 2: exporting again into an export of this project needs --overwrite."""
+    """Exporting again into an export of this project needs --overwrite."""
     folder = tmp_path / "hf"
     assert sample.main(["--ckpt", str(own_run), "--export-hf", str(folder)]) == 0
     capsys.readouterr()
@@ -824,7 +824,7 @@ def test_an_earlier_export_is_replaced_only_with_overwrite(own_run, tmp_path, ca
 
 
 def test_every_exported_file_has_the_same_mode(own_run, tmp_path):
-    """issue 23, item 2: safetensors writes its file 0600; the export gives every file 0644."""
+    """Safetensors writes its file 0600; the export gives every file 0644."""
     model, tokenizer, _ = sample.load_checkpoint(own_run)
     old_umask = os.umask(0o022)
     try:
@@ -836,7 +836,7 @@ def test_every_exported_file_has_the_same_mode(own_run, tmp_path):
 
 
 def test_export_to_the_current_folder_is_one_line(own_run, tmp_path, monkeypatch, capsys):
-    """issue 23, item 11: `--export-hf .` was a ValueError traceback about an empty name."""
+    """`--export-hf .` was a ValueError traceback about an empty name."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text("not a model")
     argv = ["--ckpt", str(own_run), "--export-hf", "."]
@@ -847,7 +847,7 @@ def test_export_to_the_current_folder_is_one_line(own_run, tmp_path, monkeypatch
 
 
 def test_the_next_export_removes_what_a_killed_one_left(own_run, tmp_path):
-    """issue 23, item 12: a kill during --export-hf left DIR.tmp-PID/ with the weights forever;
+    """A kill during --export-hf left DIR.tmp-PID/ with the weights forever;
     the next export into DIR removes those of processes that no longer run."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

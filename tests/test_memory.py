@@ -98,7 +98,7 @@ def test_the_traced_step_holds_what_a_real_two_rank_run_holds(small_runs):
 
 
 def test_fsdp_holds_sharded_gradients_between_micro_steps(small_runs):
-    """Issue 15 item 1: after a non-final micro-step a rank holds its shard of the fp32 gradient,
+    """After a non-final micro-step a rank holds its shard of the fp32 gradient,
     4 x n_params / 2 bytes; skipping the reduce-scatter (set_requires_gradient_sync(False)) would
     hold
     the whole unsharded gradient, 4 x n_params, as the tracker's Temp."""

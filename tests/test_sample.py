@@ -373,7 +373,7 @@ def test_cli_bad_checkpoints(ckpt_dir, tmp_path, capsys):
 
 
 def test_cli_ckpt_that_is_not_a_checkpoint_file(ckpt_dir, tmp_path, capsys):
-    """issue 23, item 12: --ckpt naming a file that is no checkpoint says so (it blamed a missing
+    """--ckpt naming a file that is no checkpoint says so (it blamed a missing
     tokenizer); a checkpoint file itself still samples."""
     notes = tmp_path / "notes.txt"
     notes.write_text("not a checkpoint")
@@ -403,7 +403,7 @@ def test_cli_subprocess(ckpt_dir):
 
 
 # -----------------------------------------------------------------------------
-# padded vocabularies and tiny temperatures (issue 18, items 3 and 7)
+# padded vocabularies and tiny temperatures
 
 
 def padded_checkpoint(ckpt_dir, folder, padding=64):
