@@ -218,8 +218,12 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
     seq, bad_steps = cfg.model.max_seq_len, 0
     sequences = plan.global_batch_tokens // seq
     with distributed.StopVote(rt) as vote, closing(logger):
-        if step == 0 and log_eval(vote.agreed) is None:  # the untrained model's loss, a baseline
+        # the untrained model's loss as a baseline, or the evaluation a stop cut short
+        if (step == 0 or checkpointer.eval_pending) and (result := log_eval(vote.agreed)) is None:
             return stopped(save, logger, step)
+        if step > 0 and checkpointer.eval_pending and checkpointer.is_best(step, result["val_bpb"]):
+            save()  # writes best.json: this step's checkpoint is there already
+        checkpointer.eval_pending = False
         meter.start(step)
         while step < cfg.max_steps:
             lr = learning_rate(cfg, step)
@@ -251,9 +255,11 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
             # resumed run continues the log exactly where the checkpoint left it.
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 with meter.paused():
+                    checkpointer.eval_pending = True  # until it is done: a stop saves that
                     result = log_eval(vote.agreed)
                     if result is None:
                         return stopped(save, logger, step)
+                    checkpointer.eval_pending = False
                     if checkpointer.is_best(step, result["val_bpb"]):
                         save()  # kept as the best whatever keep_checkpoints says
             if checkpointer.due(step):

@@ -280,6 +280,7 @@ class Checkpointer:
         self.config = dataclasses.asdict(config)
         self.best = None  # {"step": ..., "val_bpb": ...}
         self.saved_step = None  # the step of the newest checkpoint: no rank asks the disk
+        self.eval_pending = False  # a stop cut the evaluation of the saved step short
 
     def is_best(self, step: int, val_bpb: float) -> bool:
         """Note an evaluation; True when it is the best so far (then save it)."""
@@ -306,6 +307,7 @@ class Checkpointer:
                 "elapsed_s": elapsed_s,
                 "rng": rng_states(self.rt),
                 "best": self.best,
+                "eval_pending": self.eval_pending,
                 **self.data,
             }
             path = checkpoint.save(
@@ -334,6 +336,7 @@ class Checkpointer:
         """Load the checkpoint at `path` into model and optimizer; (its step, its elapsed time)."""
         state = checkpoint.load(path, model, optimizer, self._check_same_data, self.rt.host_group)
         self.best, self.saved_step = state.get("best"), state["step"]
+        self.eval_pending = state.get("eval_pending", False)
         restore_rng(state["rng"], self.rt, self.cfg.seed, state["step"])
         if self.rt.is_main:
             truncate_log(self.out_dir, state["step"])

@@ -831,3 +831,31 @@ def test_a_failed_sharded_save_is_one_line():
 
     with pytest.raises(checkpoint.CheckpointError, match="a sharded checkpoint failed"):
         checkpoint._dcp(fail)
+
+
+def test_a_stop_during_an_evaluation_runs_it_on_resume(data_dir, tmp_path, monkeypatch):
+    """A signal during the evaluation of step 2 saves step 2 without it; the resumed run evaluates
+    step 2 first, so the log holds every evaluation an uninterrupted run holds, each once."""
+    args = ["--eval_interval=2", "--ckpt_interval=100"]
+    assert train.main(tiny_args(data_dir, tmp_path / "whole", "--max_steps=4", *args)) == 0
+    calls, evaluate = [], train.evaluate
+
+    def stop_in_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation of step 2 (the first is step 0's baseline)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(train, "evaluate", stop_in_the_second)
+    assert train.main(tiny_args(data_dir, tmp_path / "cut", "--max_steps=4", *args)) == 0
+    monkeypatch.undo()
+    assert newest(tmp_path / "cut").name == "ckpt-000002.pt"
+    assert (
+        train.main(tiny_args(data_dir, tmp_path / "cut", "--max_steps=4", "--resume", *args)) == 0
+    )
+
+    def evals(out):
+        return [(r["step"], r["val_loss"]) for r in read_log(out) if r.get("event") == "eval"]
+
+    assert [step for step, _ in evals(tmp_path / "cut")] == [0, 2, 4]
+    assert evals(tmp_path / "cut") == pytest.approx(evals(tmp_path / "whole"))
