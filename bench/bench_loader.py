@@ -202,7 +202,8 @@ def bench_coverage():
             num_tokens,
         )
         print(
-            f"{label:<22}{num_tokens:>16,}{seq_len:>9}{count:>7}{steps:>8,}{before:>15.2%}{after:>9.2%}"
+            f"{label:<22}{num_tokens:>16,}{seq_len:>9}{count:>7}{steps:>8,}"
+            f"{before:>15.2%}{after:>9.2%}"
         )
 
 

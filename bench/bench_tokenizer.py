@@ -410,8 +410,9 @@ def main():
             )
             tt = f"{speed:.1f}"
         print(
-            f"{name:<22}{key[1]:>6}{cold:>10.1f}{warm:>10.1f}{py_cold:>12.1f}{py_warm:>12.1f}{tt:>10}{split:>9.1f}"
-            f"{batch:>10.1f}"
+            f"{name:<22}{key[1]:>6}{cold:>10.1f}{warm:>10.1f}"
+            f"{py_cold:>12.1f}{py_warm:>12.1f}{tt:>10}"
+            f"{split:>9.1f}{batch:>10.1f}"
         )
 
     if missing:
