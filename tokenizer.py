@@ -5,7 +5,8 @@ lowest-rank token merges until none does. Ids: the 256 bytes, one per merge in t
 (its rank), then special tokens, as `tiktoken.Encoding` takes them. infra/bpe_train.py trains in
 bounded memory; other projects' tokenizers are subclasses in infra/tokenizer_variants.py.
 
-    python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
+    python -m infra.tokenizer_cli --input data/tinyshakespeare.txt --vocab-size 4096 \
+        --out out/tok.json
 """
 
 import hashlib
@@ -13,7 +14,6 @@ import heapq
 import json
 import os
 import re
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -332,9 +332,3 @@ def _apply_merge(pair: str, new: str, words, weights, pair_counts, where, heap):
     where.update(born_where)
     for p, count in born.items():
         heapq.heappush(heap, (-count, p))
-
-
-if __name__ == "__main__":
-    from infra.tokenizer_cli import main
-
-    sys.exit(main())

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 DRIVER = """
 import json, resource, runpy, sys, time
 sys.path.insert(0, {root!r})
-sys.argv = ["data.py"] + {argv!r}
+sys.argv = ["infra/prepare.py"] + {argv!r}
 start, cpu = time.time(), time.process_time()
 try:
-    runpy.run_path("data.py", run_name="__main__")
+    runpy.run_module("infra.prepare", run_name="__main__", alter_sys=True)
 except SystemExit as exit:
     if exit.code:
         raise
@@ -77,7 +77,7 @@ def generate(folder: Path, pool: list[str], total_bytes: int, seed: int = 0):
 
 
 def prepare(inputs: Path, out: Path, tokenizer: Path, workers: int, code: Path = ROOT) -> dict:
-    """Figures of one `data.py` run (of the code in `code`) in a fresh process."""
+    """Figures of one `python -m infra.prepare` run (of the code in `code`) in a fresh process."""
     shutil.rmtree(out, ignore_errors=True)
     argv = [
         "--input",

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import apply_overrides, load_config  # noqa: E402
+from config import load_config  # noqa: E402
 from infra.memory import estimate_memory  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate  # noqa: E402
@@ -99,7 +99,8 @@ def make_tokenizer(work: Path, corpus: Path) -> Path:
     subprocess.run(
         [
             sys.executable,
-            "tokenizer.py",
+            "-m",
+            "infra.tokenizer_cli",
             "--input",
             str(corpus),
             "--vocab-size",
@@ -244,7 +245,7 @@ def wide_check(checker: Checker, layers: int, steps: int):
         )  # DCP: a folder
         size = sum(f.stat().st_size for f in files)
         estimate = estimate_memory(
-            apply_overrides(load_config(str(ROOT / "config" / "7b.py")), overrides[1:]),
+            load_config(str(ROOT / "config" / "7b.py"), overrides[1:]),
             checker.ranks,
         )
         figures.update(
@@ -289,8 +290,8 @@ def sampling_checks(checker: Checker, trained: Path, layers: int):
     with checker.check(
         "KV-cache decoding at the 7B width" if checker.cuda else "KV-cache decoding"
     ) as figures:
-        config = apply_overrides(
-            load_config(str(ROOT / "config" / "7b.py")), wide_model(checker.cuda, layers, 1)[1:]
+        config = load_config(
+            str(ROOT / "config" / "7b.py"), wide_model(checker.cuda, layers, 1)[1:]
         ).model
         device = torch.device("cuda" if checker.cuda else "cpu")
         with torch.device("meta"):

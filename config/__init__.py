@@ -288,26 +288,6 @@ def with_values(config: TrainConfig, values: dict) -> TrainConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model), **train)
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Return a new config with `--key=value` overrides applied."""
-    return with_values(config, parse_overrides(overrides))
-
-
-def from_dict(saved: dict) -> TrainConfig:
-    """The config saved in a checkpoint (dataclasses.asdict form); keys added since then take
-    their defaults, keys removed since are dropped."""
-    model_keys, train_keys = _field_types(ModelConfig), _field_types(TrainConfig)
-    model = ModelConfig(**{k: v for k, v in saved.get("model", {}).items() if k in model_keys})
-    train = {k: v for k, v in saved.items() if k in train_keys and k != "model"}
-    return TrainConfig(model=model, **train)
-
-
-def flat(config: TrainConfig) -> dict:
-    """{key: value} over valid_keys(), for comparing configs key by key."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
-    return values | {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
-
-
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """The config file (or the defaults) with the overrides; infra/run.py applies init_from."""
     return with_values(load_file(path), parse_overrides(list(overrides)))

@@ -16,14 +16,14 @@ checkpoint and goes on from there, with the tokenizer it had already trained. me
 last and atomically, marks a complete folder; it keeps the inputs' fingerprint (paths, sizes,
 modification times), so a folder whose inputs changed since is an error, not stale tokens.
 
-Many machines: `--part I/N` prepares the I-th of N contiguous slices of the input files (by size)
-into out/part-0000I, with a given tokenizer; `--merge` writes one meta.json over the parts without
-moving their shards. Every part records the fingerprint of the whole input list, and merge refuses
-parts that disagree (inputs changed between two parts).
+Many machines: `--part I/N` (I in 0..N-1) prepares the I-th of N contiguous slices of the input
+files (by size) into out/part-0000I, with a given tokenizer; `--merge` writes one meta.json over the
+parts without moving their shards. Every part records the fingerprint of the whole input list, and
+merge refuses parts that disagree (inputs changed between two parts).
 
-    python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
-    python data.py --input FILE_OR_DIR [...] --out DIR --tokenizer PATH --part I/N  # I in 0..N-1
-    python data.py --merge DIR
+    python -m infra.prepare --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
+    python -m infra.prepare --input FILE_OR_DIR [...] --out DIR --tokenizer PATH --part I/N
+    python -m infra.prepare --merge DIR
 """
 
 import argparse
@@ -266,7 +266,7 @@ def check_prepared(
     meta = read_meta(data_dir)
     if "settings" not in meta:
         raise DataError(
-            f"{data_dir} was prepared by an older version of data.py, which did not "
+            f"{data_dir} was prepared by an older version of this code, which did not "
             f"record its settings; delete it to prepare it again"
         )
     stored = meta["settings"]
@@ -411,7 +411,7 @@ def prepare(
     if part is not None and given is None:
         raise DataError(
             "preparing a part needs a given tokenizer, the same for every part: train "
-            "one first (python tokenizer.py --input ... --vocab-size N --out "
+            "one first (python -m infra.tokenizer_cli --input ... --vocab-size N --out "
             "tok.json) and pass --tokenizer"
         )
     settings = _settings(
@@ -718,7 +718,10 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into train/val token shards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.prepare",
+        description="Tokenize a corpus into train/val token shards.",
+    )
     parser.add_argument(
         "--input", nargs="+", help="text files, folders, .jsonl, .parquet, .gz, .zst files"
     )
@@ -819,3 +822,7 @@ def main(argv=None):
             f"prepared {total_bytes / 1e6:.1f} MB in {seconds:.1f}s "
             f"({total_bytes / 1e6 / seconds:.2f} MB/s)"
         )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

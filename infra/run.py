@@ -21,9 +21,8 @@ import torch.distributed as dist
 
 from config import (
     ConfigError,
+    ModelConfig,
     TrainConfig,
-    flat,
-    from_dict,
     load_file,
     parse_overrides,
     small_model,
@@ -85,6 +84,21 @@ def run_config(path: str | None, overrides: list[str]) -> TrainConfig:
         k: v for k, v in dataclasses.asdict(config.model).items() if v != default_model[k]
     }
     return hf.start_from(config, file_values, model_values)
+
+
+def from_dict(saved: dict) -> TrainConfig:
+    """The config saved in a checkpoint (dataclasses.asdict form); keys added since then take
+    their defaults, keys removed since are dropped."""
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    model = ModelConfig(**{k: v for k, v in saved.get("model", {}).items() if k in model_keys})
+    return TrainConfig(model=model, **{k: v for k, v in saved.items() if k in train_keys})
+
+
+def flat(config: TrainConfig) -> dict:
+    """{key: value} over every key an override may name, for comparing configs key by key."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
+    return values | {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
 
 
 def newest_checkpoint(out_dir) -> Path | None:

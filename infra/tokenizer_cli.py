@@ -1,5 +1,5 @@
-"""`python tokenizer.py ...`: train a byte-level BPE tokenizer on files or folders in bounded
-memory (infra/bpe_train.py) and save it."""
+"""`python -m infra.tokenizer_cli ...`: train a byte-level BPE tokenizer on files or folders in
+bounded memory (infra/bpe_train.py) and save it."""
 
 import argparse
 import contextlib
@@ -38,7 +38,10 @@ def check_writable(path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it as JSON.")
+    p = argparse.ArgumentParser(
+        prog="python -m infra.tokenizer_cli",
+        description="Train a byte-level BPE tokenizer and save it as JSON.",
+    )
     p.add_argument(
         "--input",
         nargs="+",
@@ -106,3 +109,7 @@ def main(argv=None) -> int:
     except (UserError, OSError) as e:
         sys.exit(f"error: {error_line(e)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,13 +9,19 @@ import train
 from config import (
     ConfigError,
     TrainConfig,
-    apply_overrides,
-    flat,
     load_config,
+    parse_overrides,
     plan_batch,
     valid_keys,
+    with_values,
 )
-from infra.run import CHANGEABLE_ON_RESUME, resume_config
+from infra.run import CHANGEABLE_ON_RESUME, flat, resume_config
+
+
+def overridden(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`config` with `--key=value` overrides applied, as train.py applies them."""
+    return with_values(config, parse_overrides(overrides))
+
 
 # A value out of range for every key. A key added without an entry here fails
 # test_every_key_rejects_a_bad_value.
@@ -90,7 +96,7 @@ def test_every_key_rejects_a_bad_value(tmp_path, capsys):
         if key in CHECKED_AT_START:
             continue
         with pytest.raises(ValueError) as error:
-            apply_overrides(TrainConfig(), [f"--{key}={value}"])
+            overridden(TrainConfig(), [f"--{key}={value}"])
         message = str(error.value)
         assert "\n" not in message and key.removeprefix("model.") in message, (key, message)
     # a missing tokenizer file or model folder: one line, before data preparation
@@ -114,7 +120,7 @@ def test_every_key_rejects_a_bad_value(tmp_path, capsys):
 
 
 def test_overrides_are_parsed_exactly():
-    cfg = apply_overrides(
+    cfg = overridden(
         TrainConfig(),
         [
             "--max_steps=4e3",
@@ -135,15 +141,15 @@ def test_overrides_are_parsed_exactly():
     )
     assert cfg.seed == 9007199254740993  # 2**53 + 1: read as an integer, not through a float
     assert cfg.global_batch_tokens == 4_194_304
-    assert apply_overrides(TrainConfig(), ['--inputs=["a,b.txt", "c.txt"]']).inputs == [
+    assert overridden(TrainConfig(), ['--inputs=["a,b.txt", "c.txt"]']).inputs == [
         "a,b.txt",
         "c.txt",
     ]
     for bad in ("--max_steps=ten", "--max_steps=1.5", "--max_steps=1e300"):
         with pytest.raises(ConfigError, match="expected a value of type int"):
-            apply_overrides(TrainConfig(), [bad])
+            overridden(TrainConfig(), [bad])
     assert (
-        apply_overrides(TrainConfig(), ["--grad_clip=0"]).grad_clip == 0
+        overridden(TrainConfig(), ["--grad_clip=0"]).grad_clip == 0
     )  # 0: no clipping, as in nanoGPT
 
 
@@ -151,9 +157,9 @@ def test_unknown_keys_and_config_files(tmp_path, capsys):
     with pytest.raises(
         ConfigError, match=r"unknown config key 'batch_size'; did you mean micro_batch_size"
     ):
-        apply_overrides(TrainConfig(), ["--batch_size=1"])
+        overridden(TrainConfig(), ["--batch_size=1"])
     with pytest.raises(ConfigError, match="did you mean model.n_layers"):
-        apply_overrides(TrainConfig(), ["--model.nlayers=2"])
+        overridden(TrainConfig(), ["--model.nlayers=2"])
     assert train.main(["--zzz=1"]) == 2
     assert (
         capsys.readouterr().err.strip()
@@ -216,7 +222,7 @@ def test_the_7b_recipe_is_the_papers():
     ],
 )
 def test_plan_batch(global_tokens, micro, seq, world, expected):
-    cfg = apply_overrides(
+    cfg = overridden(
         TrainConfig(),
         [
             f"--global_batch_tokens={global_tokens}",
@@ -231,7 +237,7 @@ def test_plan_batch(global_tokens, micro, seq, world, expected):
 
 
 def test_plan_batch_refuses_less_than_a_sequence_per_rank():
-    cfg = apply_overrides(TrainConfig(), ["--global_batch_tokens=256"])
+    cfg = overridden(TrainConfig(), ["--global_batch_tokens=256"])
     with pytest.raises(
         ConfigError,
         match=r"less than one sequence per rank \(max_seq_len 128 x world size 4 = 512\)",

@@ -212,7 +212,7 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
 
 
 def run_script(tmp_path, setup: str, argv: list[str], timeout=120) -> subprocess.CompletedProcess:
-    """Run the data.py command (infra.prepare.main) with argv in a fresh process after `setup`
+    """Run `python -m infra.prepare` (infra.prepare.main) with argv in a fresh process after `setup`
     (small constants, injected faults)."""
     script = tmp_path / "run.py"
     script.write_text(
@@ -566,7 +566,7 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
     del meta["settings"]  # as the previous version wrote it
     (tmp_path / "ok" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(
-        DataError, match="prepared by an older version of data.py.*; delete it to prepare it again"
+        DataError, match="prepared by an older version of this code.*; delete it to prepare it"
     ):
         check_prepared(tmp_path / "ok", inputs=[str(tmp_path / "t.txt")])
     (tmp_path / "ok" / "meta.json").write_text('{"format": "llm-tokens", "vers')

@@ -50,7 +50,7 @@ EXTERNAL_SCRIPTS = {"../shared/peers/vs_nanogpt.py"}
 PYTEST_FLAGS = {"-q", "-x"}  # pytest's own flags that the READMEs use
 # Flags named in the text on their own are options of these scripts (or config keys); these stand
 # for any.
-FLAG_SCRIPTS = ("train.py", "data.py", "sample.py", "tokenizer.py")
+FLAG_SCRIPTS = ("train.py", "sample.py", "infra/prepare.py", "infra/tokenizer_cli.py")
 FLAG_PLACEHOLDERS = {"--key=value", "--model.KEY", "--model.*"}
 COMMAND_START = re.compile(
     r"^(?:[A-Z_]+=\S* )*(?:python3?|torchrun|pip|sbatch|echo|huggingface-cli) "
@@ -171,15 +171,21 @@ def parse_with(parse, what: str):
 def script_arguments(script: str, args: list[str], parse: bool = True):
     """Run `script` (a path under the repository) as __main__ with `args` until it has parsed them;
     the parse result (a Namespace, or (Namespace, extras) for parse_known_args), or with parse=False
-    its ArgumentParser."""
+    its ArgumentParser. A script in a package runs as `python -m` runs it."""
     path = ROOT / script
     assert path.is_file() and path.suffix == ".py", f"no script {script}"
+    module = script[: -len(".py")].replace("/", ".")
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *args]
     try:
         with stop_after_parsing(parse):
             parse_with(
-                lambda: runpy.run_path(str(path), run_name="__main__"), f"{script} {' '.join(args)}"
+                lambda: (
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                    if "/" in script
+                    else runpy.run_path(str(path), run_name="__main__")
+                ),
+                f"{script} {' '.join(args)}",
             )
     except _Parsed as parsed:
         return parsed.result
@@ -203,6 +209,8 @@ def check_python(args: list[str], command: str):
                 f"{command}: pytest argument {arg} (add pytest's flag to PYTEST_FLAGS)"
             )
         return
+    if args[:1] == ["-m"] and len(args) > 1:  # python -m package.module: the file it runs
+        args = [args[1].replace(".", "/") + ".py", *args[2:]]
     assert args and not args[0].startswith("-"), f"{command}: expected python SCRIPT ..."
     script, rest = args[0], args[1:]
     if script in EXTERNAL_SCRIPTS:
@@ -524,16 +532,17 @@ def test_python_snippets_run(code, where, tmp_path):
         ("python train.py --model.n_heads=5", "not divisible by n_heads"),
         ("python train.py config/13b.py", "config file config/13b.py not found"),
         ("python train.py --dryrun", "cannot read '--dryrun'"),
-        ("python data.py --input a --vocab_size 10", "unrecognized arguments: --vocab_size"),
-        ("python data.py --merge /x --part 3/2", "expected I/N"),
+        ("python -m infra.prepare --input a --vocab_size 3", "unrecognized arguments"),
+        ("python -m infra.prepare --merge /x --part 3/2", "expected I/N"),
         ("echo hi | python sample.py --prompt x", "the following arguments are required: --ckpt"),
         ("python bench/bench_hf.py tail", "invalid choice: 'tail'"),
         ("python no_such.py", "no script no_such.py"),
+        ("python -m infra.no_such", "no script infra/no_such.py"),
         ("torchrun --nproc-per-node=2 --no-such-flag train.py", "unrecognized arguments"),
         ("torchrun --standalone train.py --lr=fast", "expected a value of type float"),
         ("pip install -r requirements-gpu.txt", "no file requirements-gpu.txt"),
         ("python train.py --out_dir=$OUT", "without a stand-in"),
-        ("sbatch --wrap 'python data.py --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
+        ("sbatch --wrap 'python -m infra.prepare --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
     ],
 )
 def test_a_wrong_command_is_reported(command, message):

@@ -43,7 +43,7 @@ sys.path.insert(0, sys.argv[1])
 import train
 from infra import memory
 from infra.distributed import Runtime
-from config import from_dict
+from infra.run import from_dict
 dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 rt = Runtime(rank, rank, world_size, torch.device("cpu"))

@@ -231,7 +231,7 @@ def python_encoder(tok):
 def test_hugging_face_ids(hf_files, kind):
     folder, reference = hf_files[kind]
     tok = load(folder)
-    copy = pickle.loads(pickle.dumps(tok))  # as data.py's workers get it
+    copy = pickle.loads(pickle.dumps(tok))  # as infra/prepare.py's workers get it
     if kind in ("llama2", "mistral_first_whole"):  # whole texts, in words where no merge joins them
         assert len(tok._stages) == (kind == "llama2") and not tok.patterns
 
@@ -329,9 +329,10 @@ def test_bos_eos_and_sizes(hf_files):
 
 @pytest.mark.parametrize("kind", HF_KINDS)
 def test_encoding_in_parts_at_the_cut_points(hf_files, kind):
-    """What data.py does with a big file: cut where cut_points(tok) allows (a regex: line starts,
-    for the SentencePiece-style kinds), the later parts with continuation=True. "words" (GPT-4's
-    and Llama 3's patterns) is proven in tests/test_corpus.py; other patterns are never cut."""
+    """What infra/prepare.py does with a big file: cut where cut_points(tok) allows (a regex: line
+    starts, for the SentencePiece-style kinds), the later parts with continuation=True. "words"
+    (GPT-4's and Llama 3's patterns) is proven in tests/test_corpus.py; other patterns are never
+    cut."""
     tok = load(hf_files[kind][0])
     expected = (
         "words"
