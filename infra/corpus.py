@@ -13,11 +13,11 @@ U+FFFD with a warning, and are an error above 1% of a file. Bad records (not an 
 field, a lone surrogate escape such as "\\ud83d") are skipped with a `path:line` warning, and are
 an error above 1% of a file.
 
-Units. A record is a document. A text file is cut into blocks on a grid of B bytes (B grows with
-the file from 4 KB to 256 KB): block c runs from cut(c) to cut(c + 1), cut(c) being the first
-safe cut point in bytes [c*B, (c+1)*B), a line start if there is one. The grid makes any block
-findable by seeking, so the tokenizer's sample and the sequential reader agree on every block.
-Consecutive blocks of the same split form one document.
+Units. A record is a document. A text file is cut into blocks on a grid of B bytes of its text (B
+grows with the text from 4 KB to 256 KB): block c runs from cut(c) to cut(c + 1), cut(c) being
+the first safe cut point in bytes [c*B, (c+1)*B), a line start if there is one. The grid makes any
+block findable by seeking, so the tokenizer's sample and the sequential reader agree on every
+block. Consecutive blocks of the same split form one document.
 
 Safe cut points. The GPT-4 split pattern never makes a piece across (1) a newline followed by a
 non-space character, (2) a non-space character followed by a space that is not a line end, or
@@ -38,11 +38,26 @@ HUGE_DOCUMENT_CHARS). The blocks and the val split never depend on the tokenizer
 document is cut into pieces: so the reader and the tokenizer's sample agree on every block, and
 any two tokenizers' val splits hold the same text.
 
-Val split. A share of the units, decided per file, so that a `--part` of the files gets the same
-split as a whole prepare: blocks systematically (every 1/share-th block from a phase hashed from
-the file's key, so val is spread evenly over the file), records by a hash of (key, byte offset).
+Val split. Val must measure how the model does on text it has not seen, nor seen the
+surroundings of. So a unit of the split is a whole document, and membership is a function of the
+content alone: the same corpus renamed, compressed with gzip or zstd, split into other files or
+prepared in `--part`s gets the same split.
+- A record goes to val when a hash of its text is below the share (identical records go to the
+  same split).
+- A text file is one document (a book, say) or many. Where its expected val share is less than
+  one block, the whole file goes to val when a hash of its first CONTENT_HEAD bytes is below the
+  share. Otherwise it is held out in runs of contiguous blocks, picked systematically (one run
+  in every 1/share runs, from that hash as the phase), a run long enough that the file holds
+  about HELD_OUT_RUNS of them: few, long stretches of a book rather than many paragraphs among
+  training text. The block on each side of a run is a margin in neither split, so no val text has
+  training text within a block (4 KB or more; a scene of a play, a model's whole context) of it.
+  Runs of one block (a file too small for longer runs at its share) have no margin: it would
+  cost twice the val share of the text.
+The share is val_fraction, less where val_max_bytes of text would be passed, counted in text
+bytes (decompressed) so that compression does not change it.
 """
 
+import functools
 import gzip
 import hashlib
 import heapq
@@ -67,6 +82,9 @@ MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 18
 BLOCKS_PER_FILE = 128  # block size = file size / this, within [MIN_BLOCK, MAX_BLOCK]
 MAX_PIECE_CHARS = 1 << 18  # longer records are cut into pieces of at most this many characters
 HUGE_DOCUMENT_CHARS = 1 << 26  # a warning when a tokenizer allows no cut in more than this
+VAL_SPLIT = "content, runs with margins"  # the rule below, recorded in each prepared folder
+HELD_OUT_RUNS = 2  # a text file's val split is about this many runs of blocks (see Val split)
+CONTENT_HEAD = 1 << 16  # a text file's val split is hashed from this many first bytes of it
 MAX_BAD_SHARE = 0.01  # bad records or non-UTF-8 bytes above this share of a file: an error
 MAX_SAMPLE_STRIDE = 16  # stream-order files give the sample at least one unit in this many
 COMPRESSION = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
@@ -249,13 +267,8 @@ def _decode(data: bytes) -> tuple[str, int]:
         return _ESCAPED.subn("\ufffd", data.decode("utf-8", "surrogateescape"))
 
 
-def _unit_hash(key: bytes, number: int) -> float:
-    digest = hashlib.blake2b(key + number.to_bytes(8, "little"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
 def _phase(key: str) -> float:
-    return _unit_hash(key.encode("utf-8"), 2**64 - 1)
+    return _content_hash(key.encode("utf-8"))
 
 
 def _picked(index: int, share: float, phase: float) -> bool:
@@ -263,18 +276,91 @@ def _picked(index: int, share: float, phase: float) -> bool:
     return math.floor((index + 1) * share + phase) > math.floor(index * share + phase)
 
 
+def _content_hash(data: bytes) -> float:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2**64
+
+
 def val_share(sources: list[Source], val_fraction: float, val_max_bytes: int | None) -> float:
-    """The share of units held out: val_fraction, less if that would pass val_max_bytes of the
-    inputs (bytes on disk, so compressed files count compressed)."""
-    total = sum(s.size for s in sources)
-    return val_fraction if not val_max_bytes else min(val_fraction, val_max_bytes / max(total, 1))
+    """The share of units held out: val_fraction, less if that would pass val_max_bytes of text.
+    Compressed files are decompressed once to count their text only where the estimate says the
+    limit may matter."""
+    if not val_max_bytes:
+        return val_fraction
+    if sum(_content_size(s) for s in sources) * val_fraction <= val_max_bytes / 2:
+        return val_fraction
+    total = sum(text_bytes(s) for s in sources)
+    return min(val_fraction, val_max_bytes / max(total, 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_bytes(source: Source, mtime_ns: int) -> int:
+    if source.format.text_size:
+        return source.format.text_size(source) or source.size
+    if source.compression is None:
+        return source.size
+    raw, stream = _open(source)
+    total = 0
+    try:
+        with raw:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+    except _read_errors() as error:
+        raise DataError(f"{source.path}: cannot read it ({error})") from None
+    return total
+
+
+def text_bytes(source: Source) -> int:
+    """Bytes of text in a file: its size, or its decompressed size (read once to count it)."""
+    return _text_bytes(source, source.path.stat().st_mtime_ns)
+
+
+class TextLayout(NamedTuple):
+    """Where a text file's val split lies (see Val split): blocks of `block` bytes; `whole`: the
+    file is one unit, in val if `phase` < `share`; else runs of `run` blocks, one in 1/share."""
+
+    block: int
+    run: int
+    phase: float
+    share: float
+    whole: bool
+
+    def split(self, index: int) -> str | None:
+        """The split of block `index`: train, val, or None for a margin block beside a val run."""
+        if self.whole:
+            return "val" if self.phase < self.share else "train"
+        if self._val(index):
+            return "val"
+        beside_val = self._val(index - 1) or self._val(index + 1)
+        return None if beside_val and self.run > 1 else "train"
+
+    def _val(self, index: int) -> bool:
+        return index >= 0 and _picked(index // self.run, self.share, self.phase)
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_hash(source: Source, mtime_ns: int) -> float:
+    raw, stream = _open(source)
+    try:
+        with raw:
+            return _content_hash(stream.read(CONTENT_HEAD))
+    except _read_errors() as error:
+        raise DataError(f"{source.path}: cannot read it ({error})") from None
+
+
+def text_layout(source: Source, share: float) -> TextLayout:
+    """The block grid and val split of a text file, from its text alone."""
+    block, phase = block_size(source), _head_hash(source, source.path.stat().st_mtime_ns)
+    expected_val_blocks = -(-text_bytes(source) // block) * share
+    run = max(1, int(expected_val_blocks // HELD_OUT_RUNS))
+    return TextLayout(block, run, phase, share, whole=expected_val_blocks < 1)
 
 
 # ---------------------------------------------------------------------- cutting text
 
 
 def block_size(source: Source) -> int:
-    return min(MAX_BLOCK, max(MIN_BLOCK, source.size // BLOCKS_PER_FILE))
+    """The grid of a text file's blocks, or of a plain JSONL file's sample cells."""
+    return min(MAX_BLOCK, max(MIN_BLOCK, text_bytes(source) // BLOCKS_PER_FILE))
 
 
 def _char_start(data, i: int, end: int) -> int:
@@ -394,7 +480,7 @@ class _FileReport:
 
     def __init__(self, source: Source, counts: dict | None, quiet: bool):
         self.source, self.counts, self.quiet = source, counts, quiet
-        self.records = self.bad = self.invalid = self.decoded = 0
+        self.records = self.bad = self.invalid = self.decoded = self.margin = 0
         self.first_bad = ""
 
     def bad_record(self, where: str, why: str):
@@ -422,6 +508,7 @@ class _FileReport:
         if self.counts is not None:
             self.counts["bad_records"] += bad
             self.counts["invalid_utf8_bytes"] += self.invalid
+            self.counts["margin_bytes"] += self.margin
         if self.invalid > MAX_BAD_SHARE * max(self.decoded, 1):
             self._not_utf8()
         if bad > MAX_BAD_SHARE * records and (bad >= 10 or bad == records) and not self.quiet:
@@ -472,7 +559,8 @@ def read_documents(
     cuts="words",
 ) -> Iterator[Piece]:
     """Pieces of the documents of `sources` in order, each with its split, from `start` (a Piece's
-    resume). counts, if given, accumulates binary_files, bad_records and invalid_utf8_bytes.
+    resume). counts, if given, accumulates binary_files, bad_records, invalid_utf8_bytes and
+    margin_bytes (text beside val runs, in neither split).
     quiet: no warnings and no errors for bad records (the tokenizer's sample). cuts: where a
     document may be cut, fast_encode.cut_points(tokenizer): "words" (the safe cut points above),
     a regex, or None (see Other tokenizers)."""
@@ -539,20 +627,24 @@ def _skip(stream, count: int):
 
 
 def _text_pieces(file: Reading, share, field, report):
-    """A text file's blocks; consecutive blocks of one split form a document."""
-    source, offset, phase = file.source, file.offset, _phase(file.source.key)
-    for block, data, last in _stream_blocks(file.stream, block_size(source), offset, file.unit):
+    """A text file's blocks; consecutive blocks of one split form a document, and margin blocks
+    (beside a val run) are left out."""
+    source, offset, layout = file.source, file.offset, text_layout(file.source, share)
+    for block, data, last in _stream_blocks(file.stream, layout.block, offset, file.unit):
         offset += len(data)
         text, invalid = _decode(data)
         report.decoded_bytes(len(data), invalid)
-        val = _picked(block, share, phase)
-        begins = block == 0 or _picked(block - 1, share, phase) != val
-        ends = last or _picked(block + 1, share, phase) != val
+        split = layout.split(block)
+        if split is None:
+            report.margin += len(data)
+            continue
+        begins = block == 0 or layout.split(block - 1) != split
+        ends = last or layout.split(block + 1) != split
         done = file.done + (file.raw.tell() if source.compression else offset)
         yield Piece(
             text,
             len(data) + 2 * invalid,
-            "val" if val else "train",
+            split,
             begins,
             ends,
             (file.index, offset, block + 1),
@@ -562,13 +654,13 @@ def _text_pieces(file: Reading, share, field, report):
 
 def _jsonl_pieces(file: Reading, share, field, report):
     """One document per line: a JSON object with the text in `field`."""
-    key, offset, line_number = file.source.key.encode("utf-8"), file.offset, file.unit
+    offset, line_number = file.offset, file.unit
     for line in file.stream:
         line_number += 1
-        start, offset = offset, offset + len(line)
+        offset += len(line)
         text = _record_text(line, field, report, f"{file.source.path}:{line_number}")
         if text:
-            split = "val" if _unit_hash(key, start) < share else "train"
+            split = _record_split(text, share)
             resume = (file.index, offset, line_number)
             yield from _document(text, split, resume, file.done + file.raw.tell())
 
@@ -587,7 +679,7 @@ def _parquet_pieces(file: Reading, share, field, report):
             f"{source.path} has no column {field!r} (it has {', '.join(names)}); "
             f"choose one with --text-field"
         )
-    key, rows, row = source.key.encode("utf-8"), max(table.metadata.num_rows, 1), 0
+    rows, row = max(table.metadata.num_rows, 1), 0
     for batch in table.iter_batches(batch_size=1024, columns=[field]):
         for value in batch.column(0).to_pylist():
             row += 1
@@ -600,9 +692,13 @@ def _parquet_pieces(file: Reading, share, field, report):
             elif _SURROGATE.search(value):
                 report.bad_record(where, "a lone surrogate, which is not text")
             elif value:
-                split = "val" if _unit_hash(key, row) < share else "train"
+                split = _record_split(value, share)
                 done = file.done + source.size * row // rows
                 yield from _document(value, split, (file.index, 0, row), done)
+
+
+def _record_split(text: str, share: float) -> str:
+    return "val" if _content_hash(text.encode("utf-8")) < share else "train"
 
 
 def _parquet_text_size(source: Source) -> int:
@@ -713,10 +809,11 @@ def _bit_reversed(n: int, j: int) -> tuple[int, int]:
 
 def _sample_block(source, share, text_field, j) -> tuple[list[str] | None, int]:
     """The next block of a plain text file in bit-reversed order ([] for a val block)."""
-    index, j = _bit_reversed(-(-source.size // block_size(source)), j)
+    layout = text_layout(source, share)
+    index, j = _bit_reversed(-(-source.size // layout.block), j)
     if index < 0:
         return None, j
-    if _picked(index, share, _phase(source.key)):
+    if layout.split(index) != "train":
         return [], j
     return [_decode(read_block(source, index))[0]], j
 
@@ -741,7 +838,7 @@ def _sample_records(source, share, text_field, j) -> tuple[list[str] | None, int
     index, j = _bit_reversed(-(-source.size // cell), j)
     if index < 0:
         return None, j
-    texts, key, report = [], source.key.encode("utf-8"), _FileReport(source, None, quiet=True)
+    texts, report = [], _FileReport(source, None, quiet=True)
     with open(source.path, "rb") as f:
         offset = 0 if index == 0 else _next_line_start(f, index * cell, (index + 1) * cell)
         if offset is None:
@@ -749,7 +846,7 @@ def _sample_records(source, share, text_field, j) -> tuple[list[str] | None, int
         f.seek(offset)
         while offset < (index + 1) * cell and (line := f.readline()):
             text = _record_text(line, text_field, report, "")
-            if text and _unit_hash(key, offset) >= share:
+            if text and _record_split(text, share) == "train":
                 texts += cut_text(text)
             offset += len(line)
     return texts, j

@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -162,6 +163,7 @@ def _settings(
         "inputs": None if inputs is None else [str(p) for p in inputs],
         "val_fraction": val_fraction,
         "val_max_bytes": val_max_bytes,
+        "val_split": corpus.VAL_SPLIT,
         "text_field": text_field,
         "tokenizer": given.fingerprint() if given else None,
         "vocab_size": given.vocab_size if given else vocab_size,
@@ -191,7 +193,7 @@ def _mismatch(stored: dict, run: dict, fingerprint: str | None) -> tuple | None:
     (key, was, now)."""
     if run["inputs"] is not None and not _same_inputs(stored, run["inputs"]):
         return "inputs", stored["inputs"], run["inputs"]
-    for key in ("val_fraction", "val_max_bytes", "text_field"):
+    for key in ("val_split", "val_fraction", "val_max_bytes", "text_field"):
         if run[key] is not None and run[key] != stored.get(key):
             return key, stored.get(key), run[key]
     if run["tokenizer"]:
@@ -242,7 +244,8 @@ def _settings_error(
             f"{folder} holds an unfinished prepare {what}; run again with the same "
             f"settings to resume it, or delete {folder} to start over{keep}"
         )
-    fix = "" if key in ("inputs", "sources", "tokenizer") else f", or set {key}={json.dumps(was)}"
+    fixed = key in ("inputs", "sources", "tokenizer", "val_split")
+    fix = "" if fixed else f", or set {key}={json.dumps(was)}"
     return DataError(
         f"{folder} was prepared {what}; delete {folder} (or choose another data "
         f"folder) to prepare it again{fix}"
@@ -506,15 +509,16 @@ def _check_splits(splits: dict, inputs, sources=None, share=None):
         one_unit = (
             sources is not None
             and documents <= 1
-            and all(s.format is not corpus.TEXT or s.size <= corpus.block_size(s) for s in sources)
+            and all(
+                s.format is not corpus.TEXT or corpus.text_layout(s, share).whole for s in sources
+            )
         )
         if one_unit:
-            needed = corpus.MIN_BLOCK * max(2, round(1 / max(share, 1e-9)))
+            needed = math.ceil(corpus.MIN_BLOCK / share)
             raise DataError(
-                f"the {split} split of {where} is empty: its text is a single unit "
-                f"(a block of up to {corpus.MIN_BLOCK:,} bytes of a text file, or a "
-                f"record), which goes whole to one split; add text, {needed:,} bytes "
-                f"or more"
+                f"the {split} split of {where} is empty: its text is a single unit (a text "
+                f"file of less than {needed:,} bytes, too small to hold a val run, or a record), "
+                f"which goes whole to one split; add text, {needed:,} bytes or more"
             )
         change = "raise val_fraction" if split == "val" else "lower val_fraction"
         raise DataError(f"the {split} split of {where} is empty; add text or {change}")
@@ -566,7 +570,7 @@ def _encode(
     """Encode the documents into the shards, from the last checkpoint; return the splits' info
     and the counts of what was skipped."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    skipped = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
+    skipped = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0, "margin_bytes": 0}
     checkpoint = manifest["checkpoint"] or {"position": [0, 0, 0], "splits": {}, "skipped": skipped}
     writers = {
         split: _ShardWriter(folder, split, dtype, checkpoint["splits"].get(split))

@@ -284,12 +284,12 @@ def test_binary_files_and_text_that_is_not_utf8(tmp_path, capsys):
     (tmp_path / "in" / "latin1.txt").write_bytes(
         ("café " * 10 + "\n").encode("latin-1") + b"plain\n" * 1000
     )
-    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
+    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0, "margin_bytes": 0}
     pieces = list(read_documents(list_sources(tmp_path / "in"), 0.0, counts=counts))
     err = capsys.readouterr().err
     assert "image.png is a binary file; skipped" in err
     assert "latin1.txt: 10 bytes are not valid UTF-8 and were replaced by U+FFFD" in err
-    assert counts == {"binary_files": 1, "bad_records": 0, "invalid_utf8_bytes": 10}
+    assert counts == dict(binary_files=1, bad_records=0, invalid_utf8_bytes=10, margin_bytes=0)
     assert "caf\ufffd " in "".join(p.text for p in pieces)
     with pytest.raises(DataError, match="image.png is a binary file, not text"):
         list_sources(tmp_path / "in" / "image.png")
@@ -349,7 +349,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, capsys):
     ]
     lines = good[:100] + bad + good[100:]
     (tmp_path / "web.jsonl").write_text("\n".join(lines) + "\n")
-    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0}
+    counts = {"binary_files": 0, "bad_records": 0, "invalid_utf8_bytes": 0, "margin_bytes": 0}
     docs = documents(read_documents(list_sources(tmp_path / "web.jsonl"), 0.0, counts=counts))
     assert [text for _, text in docs] == [f"record {i}" for i in range(500)]
     err = capsys.readouterr().err
@@ -405,20 +405,80 @@ def test_val_is_spread_over_every_source_and_capped(tmp_path):
     ) == pytest.approx(0.01, rel=0.01)
 
 
-def test_one_text_file_gets_a_val_split_spread_over_it(tmp_path):
-    pieces = pieces_of(ROOT / "data" / "tinyshakespeare.txt", share=0.1)
-    assert "".join(p.text for p in pieces) == SHAKESPEARE
-    val_bytes = [p.nbytes for p in pieces if p.split == "val"]
-    assert abs(sum(val_bytes) / len(SHAKESPEARE) - 0.1) < 0.02
-    starts, position = [], 0
-    for piece in pieces:
-        if piece.split == "val":
-            starts.append(position / len(SHAKESPEARE))
-            assert (
-                piece.begins and piece.ends and piece.text.endswith("\n")
-            )  # line-aligned, one document each
-        position += len(piece.text)
-    assert all(any(q <= s < q + 0.25 for s in starts) for q in (0, 0.25, 0.5, 0.75))
+def spans(pieces):
+    """(split, start, end) in bytes of each piece of one plain text file, margins left out."""
+    return [(p.split, p.resume[1] - p.nbytes, p.resume[1]) for p in pieces]
+
+
+def test_a_book_is_held_out_in_long_runs_with_margins_around_them():
+    """tinyshakespeare at a tenth held out: a few runs of several blocks each, about a tenth of
+    the text, and no training text within a block of any val text; train, val and the margins
+    are the whole text."""
+    source = list_sources(ROOT / "data" / "tinyshakespeare.txt")[0]
+    layout, pieces = corpus.text_layout(source, 0.1), pieces_of(source.path, share=0.1)
+    assert not layout.whole and layout.run >= 4
+    val_docs = [text for split, text in documents(pieces) if split == "val"]
+    assert 2 <= len(val_docs) <= 3 and all(len(t) >= 4 * layout.block * 0.9 for t in val_docs)
+    val_bytes = sum(p.nbytes for p in pieces if p.split == "val")
+    assert 0.07 < val_bytes / len(SHAKESPEARE) < 0.15
+    placed = spans(pieces)
+    train = [(a, b) for split, a, b in placed if split == "train"]
+    for split, a, b in placed:
+        if split == "val":  # the nearest training text is a whole block away (lines are short)
+            gap = min(min(abs(a - tb), abs(ta - b)) for ta, tb in train)
+            assert gap >= layout.block - 100
+    covered = sorted((a, b) for _, a, b in placed)
+    margins = [(b0, a1) for (_, b0), (a1, _) in zip(covered, covered[1:]) if a1 != b0]
+    assert len(margins) == 2 * len(val_docs)  # one margin block on each side of each run
+    assert all(layout.block * 0.9 < m1 - m0 < layout.block * 1.1 for m0, m1 in margins)
+    text = SHAKESPEARE.encode()
+    assert b"".join(text[a:b] for a, b in sorted(covered + margins)) == text
+
+
+def test_a_small_text_file_goes_whole_to_one_split(tmp_path):
+    """Files too small to hold a val run at their share are documents: each goes whole to one
+    split, by its content, and about the share of them go to val."""
+    lines = SHAKESPEARE.splitlines(keepends=True)
+    for k in range(300):
+        (tmp_path / f"{k:03}.txt").write_text("".join(lines[k * 20 : k * 20 + 20]))
+    docs = documents(pieces_of(tmp_path, share=0.1))
+    assert len(docs) == 300 and 15 <= sum(split == "val" for split, _ in docs) <= 45
+
+
+def held_out(paths, share=0.1) -> list[str]:
+    docs = documents(pieces_of(paths, share=share))
+    return sorted(text for split, text in docs if split == "val")
+
+
+def test_val_membership_is_a_function_of_the_content(tmp_path):
+    """The same text renamed, gzip- or zstd-compressed, or prepared one file at a time (as
+    `--part` does) holds out the same text; records keep their split when re-sharded."""
+    zstandard = pytest.importorskip("zstandard")
+    text = SHAKESPEARE.encode()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "shakespeare.txt").write_bytes(text)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "renamed.md").write_bytes(text)
+    (tmp_path / "b" / "book.txt.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "b" / "book.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    expected = held_out(tmp_path / "a")
+    assert expected and sum(map(len, expected)) > len(text) // 20
+    for name in ("renamed.md", "book.txt.gz", "book.txt.zst"):
+        assert held_out(tmp_path / "b" / name) == expected, name
+    assert held_out(tmp_path / "b") == sorted(expected * 3)  # the three read together
+    # records: one file, or shuffled into three files of which some are compressed
+    lines = SHAKESPEARE.splitlines()
+    records = [json.dumps({"text": "\n".join(lines[i : i + 6])}) + "\n" for i in range(0, 6000, 6)]
+    (tmp_path / "one.jsonl").write_text("".join(records))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "0.jsonl").write_text("".join(records[2::3]))
+    (tmp_path / "shards" / "1.jsonl.gz").write_bytes(gzip.compress("".join(records[::3]).encode()))
+    (tmp_path / "shards" / "2.jsonl").write_text("".join(records[1::3]))
+    whole = held_out(tmp_path / "one.jsonl")
+    assert 60 <= len(whole) <= 140  # about a tenth of the 1,000 records
+    assert held_out(tmp_path / "shards") == whole
+    parts = [held_out(tmp_path / "shards" / n) for n in ("0.jsonl", "1.jsonl.gz", "2.jsonl")]
+    assert sorted(sum(parts, [])) == whole
 
 
 def make_sources(tmp_path):

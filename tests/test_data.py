@@ -123,14 +123,15 @@ def test_a_text_file_is_encoded_as_its_documents_in_several_shards(
         assert read_split(tmp_path / "out", split).tolist() == expected_split(
             tmp_path / "play.txt", tok, split, 0.25
         )
-    # the documents of both splits, cut at safe points, give the tokens of the whole file
-    pieces = list(corpus.read_documents(corpus.list_sources(tmp_path / "play.txt"), 0.25))
+    # the file's blocks (none held out, so no margin left out), cut at safe points, give the
+    # tokens of the whole file
+    pieces = list(corpus.read_documents(corpus.list_sources(tmp_path / "play.txt"), 0.0))
     assert [t for p in pieces for t in tok.encode_ordinary(p.text)] == tok.encode_ordinary(text)
     assert 0.15 < meta["splits"]["val"]["bytes"] / len(text) < 0.35
 
 
 def test_an_interrupted_prepare_is_not_complete_and_resumes(tmp_path, tokenizer_file, monkeypatch):
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -172,7 +173,7 @@ def test_an_interrupted_prepare_is_not_complete_and_resumes(tmp_path, tokenizer_
 
 def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "corpus.txt").write_text(SHAKESPEARE[:20_000])
+    (tmp_path / "d" / "corpus.txt").write_text(SHAKESPEARE[:40_000])
     with pytest.raises(
         DataError, match=r"d already holds corpus.txt, which was not prepared here; choose a new"
     ):
@@ -371,7 +372,7 @@ def test_shards_tokenizer_and_meta_are_fsynced_before_they_count(
         os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))
     )
     monkeypatch.setattr(preparing, "SHARD_TOKENS", 2000)
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:30_000])
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
     meta = prepare(
         [str(tmp_path / "t.txt")],
         str(tmp_path / "out"),
@@ -550,7 +551,7 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
     assert str(error.value).endswith(
         "; add text, 40,960 bytes or more"
     ) and "val_fraction" not in str(error.value)
-    (tmp_path / "t.txt").write_text(SHAKESPEARE[:20_000])
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
     prepare(
         [str(tmp_path / "t.txt")],
         str(tmp_path / "ok"),
@@ -789,7 +790,7 @@ def test_parts_and_merge_refuse_a_folder_of_other_files(tmp_path, tokenizer_file
     replaced a tokenizer.json it had not written."""
     (tmp_path / "c").mkdir()
     for k in range(2):
-        (tmp_path / "c" / f"{k}.txt").write_text(SHAKESPEARE[k * 30_000 : (k + 1) * 30_000])
+        (tmp_path / "c" / f"{k}.txt").write_text(SHAKESPEARE[k * 40_000 : (k + 1) * 40_000])
     inputs, tok = [str(tmp_path / "c")], str(tokenizer_file)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my notes")
@@ -826,7 +827,7 @@ def test_merge_refuses_parts_prepared_from_inputs_that_changed_between_them(
     """Part 0/2, a file appended to, part 1/2: the merge lost or doubled text."""
     (tmp_path / "c").mkdir()
     for k in range(2):
-        (tmp_path / "c" / f"{k}.txt").write_text(SHAKESPEARE[k * 30_000 : (k + 1) * 30_000])
+        (tmp_path / "c" / f"{k}.txt").write_text(SHAKESPEARE[k * 40_000 : (k + 1) * 40_000])
     inputs, tok = [str(tmp_path / "c")], str(tokenizer_file)
     prepare(inputs, str(tmp_path / "parts"), tokenizer_path=tok, part=(0, 2), verbose=False)
     with open(tmp_path / "c" / "0.txt", "a") as f:
@@ -864,13 +865,13 @@ def test_a_finished_folder_whose_inputs_changed_is_an_error(tmp_path, tokenizer_
 
 
 def test_a_single_unit_corpus_is_not_told_to_change_val_fraction(tmp_path, tokenizer_file):
-    """One block of text, or one record, cannot be split whatever
-    val_fraction is; a corpus of several units can be, by raising it."""
+    """One record, or a text file too small to hold a val run, is one document, which cannot be
+    split whatever val_fraction is; a corpus of several units can be, by raising it."""
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": SHAKESPEARE[:10_000]}) + "\n")
     with pytest.raises(
         DataError,
         match=r"the val split of .*one.jsonl is empty: its text is a single unit "
-        r"\(a block of up to 4,096 bytes of a text file, or a record\)",
+        r"\(a text file of less than 40,960 bytes, too small to hold a val run, or a record\)",
     ) as error:
         prepare(
             [str(tmp_path / "one.jsonl")],
@@ -879,13 +880,24 @@ def test_a_single_unit_corpus_is_not_told_to_change_val_fraction(tmp_path, token
             verbose=False,
         )
     assert "val_fraction" not in str(error.value)
-    (tmp_path / "few.txt").write_text(SHAKESPEARE[:12_000])  # three blocks
-    with pytest.raises(
-        DataError, match="the val split of .*few.txt is empty; add text or raise val_fraction"
-    ):
+    (tmp_path / "few.txt").write_text(SHAKESPEARE[:12_000])  # three blocks: one document
+    with pytest.raises(DataError, match=r"few.txt is empty: .* add text, 409,600 bytes or more"):
         prepare(
             [str(tmp_path / "few.txt")],
             str(tmp_path / "b"),
+            tokenizer_path=str(tokenizer_file),
+            val_fraction=0.01,
+            verbose=False,
+        )
+    (tmp_path / "few.jsonl").write_text(
+        "".join(json.dumps({"text": SHAKESPEARE[i : i + 900]}) + "\n" for i in range(0, 9000, 900))
+    )
+    with pytest.raises(
+        DataError, match="the val split of .*few.jsonl is empty; add text or raise val_fraction"
+    ):
+        prepare(
+            [str(tmp_path / "few.jsonl")],
+            str(tmp_path / "c"),
             tokenizer_path=str(tokenizer_file),
             val_fraction=0.01,
             verbose=False,
@@ -940,3 +952,17 @@ def test_encode_workers_exit_when_the_prepare_is_killed(tmp_path, tokenizer_file
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_folder_prepared_under_another_val_split_rule_is_not_used(tmp_path, tokenizer_file):
+    """meta.json records the rule of the val split; a folder prepared under another is an error
+    that says to prepare it again, not a run quietly measured on another split."""
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
+    inputs, tok = [str(tmp_path / "t.txt")], str(tokenizer_file)
+    prepare(inputs, str(tmp_path / "out"), tokenizer_path=tok, verbose=False)
+    check_prepared(tmp_path / "out", inputs, tokenizer_path=tok)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    meta["settings"]["val_split"] = "every tenth block"
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"with val_split=\"every tenth block\", not .*; delete"):
+        check_prepared(tmp_path / "out", inputs, tokenizer_path=tok)
