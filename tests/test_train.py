@@ -24,8 +24,8 @@ VOCAB = 384
 
 def tiny_args(data_dir, out_dir, *extra):
     """A model of ~0.1M parameters on the first 200 kB of the bundled corpus: seconds per run. In
-    float32,
-    whatever the CPU: dtype=auto would pick bf16 on some, and exact comparisons need one dtype."""
+    float32, whatever the CPU: dtype=auto would pick bf16 on some, and exact comparisons need one
+    dtype."""
     return [
         f"--inputs={data_dir.parent / 'corpus.txt'}",
         f"--data_dir={data_dir}",
@@ -503,13 +503,10 @@ def test_weight_decay_groups():
 
 def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
     """bf16 autocast on CPU (what dtype=auto picks on CPUs with native bf16 matmuls) trains like
-    float32: over 40
-    steps the train losses agree to 0.05 nats and the final validation to 0.02 bits per byte. bf16
-    keeps 8
-    bits of mantissa (relative rounding 0.4%) in the matmul inputs only; weights, optimizer, norms,
-    softmax
-    and loss stay fp32, so the curves differ by noise far below what the run learns (over 1 nat
-    here)."""
+    float32: over 40 steps the train losses agree to 0.02 nats on average (0.1 at any one step)
+    and the final validation to 0.02 bits per byte. bf16 keeps 8 bits of mantissa (relative
+    rounding 0.4%) in the matmul inputs only; weights, optimizer, norms, softmax and loss stay
+    fp32, so the curves differ by noise far below what the run learns (over 1 nat here)."""
     logs = {}
     for dtype in ("float32", "bfloat16"):
         assert (
@@ -528,7 +525,8 @@ def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
         logs[dtype] = read_log(tmp_path / dtype)
     assert [r["dtype"] for r in logs["bfloat16"] if r.get("event") == "start"] == ["bfloat16"]
     curves = {dtype: [r["loss"] for r in log if "loss" in r] for dtype, log in logs.items()}
-    assert max(abs(a - b) for a, b in zip(*curves.values())) < 0.05
+    differences = [abs(a - b) for a, b in zip(*curves.values())]
+    assert sum(differences) / len(differences) < 0.02 and max(differences) < 0.1
     evals = {dtype: [r for r in log if r.get("event") == "eval"] for dtype, log in logs.items()}
     assert (
         evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0
