@@ -38,7 +38,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     tie_embeddings: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0  # of each block's attention and feed-forward outputs, in training
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -162,15 +162,16 @@ def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_E
     return total / count
 
 
-def attention(q, k, v, mask, dropout_p: float, enable_gqa: bool):
+def attention(q, k, v, mask, enable_gqa: bool):
     """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim), causal when `mask` is None.
-    Under CPU autocast it runs in fp32: PyTorch's CPU attention is slower in bf16."""
+    Under CPU autocast it runs in fp32: PyTorch's CPU attention is slower in bf16. No dropout of
+    the attention weights: it would turn the fused kernels off."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            out = attention(q.float(), k.float(), v.float(), mask, dropout_p, enable_gqa)
+            out = attention(q.float(), k.float(), v.float(), mask, enable_gqa)
         return out.type_as(q)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=enable_gqa
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa
     )
 
 
@@ -200,7 +201,6 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
@@ -213,8 +213,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
-        dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, dropout, self.n_kv_heads != self.n_heads)
+        y = attention(q, k, v, mask, self.n_kv_heads != self.n_heads)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
 
 
