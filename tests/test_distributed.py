@@ -117,9 +117,9 @@ def assert_same_model(a, b):
     for name in state_a:
         difference = (state_a[name] - state_b[name]).abs()
         assert difference.max() <= 1e-4, f"{name}: max difference {difference.max():.2e}"
-        assert (difference > 1e-6).float().mean() <= 1e-3, (
-            f"{name}: {(difference > 1e-6).sum()} elements differ"
-        )
+        # fp32 sums in another order: a few elements off by rounding (one, in a small tensor)
+        differing = int((difference > 1e-6).sum())
+        assert differing <= max(1, 1e-3 * difference.numel()), f"{name}: {differing} differ"
 
 
 def test_ddp_two_ranks_equal_one_process(workdir, single):
