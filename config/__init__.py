@@ -29,10 +29,10 @@ class ConfigError(UserError):
 
 def small_model() -> ModelConfig:
     """The default model: 2.6M parameters that a 2-core CPU trains on tinyshakespeare in minutes.
-    No dropout: it learns faster without, and its steps are cheaper (no random masks, and
-    attention takes the fused kernel)."""
+    Dropout 0.1 on the residual branches keeps it from overfitting the 1 MB it trains on 11
+    times over; attention keeps its fused kernel."""
     return ModelConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, ffn_hidden=512,
-                       max_seq_len=128)
+                       max_seq_len=128, dropout=0.1)
 
 
 def bundled_corpus() -> list[str]:
