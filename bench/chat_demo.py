@@ -7,7 +7,8 @@ exact-match accuracy on held-out questions before and after.
 Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed:
 who speaks a line (the speaker's name as the text writes it), reverse three words, spell a word
 letter by letter, add two numbers below 50. The held-out questions are never among the training
-ones. The base model is `--base` (trained first with `python train.py` when it is not there).
+ones. The base model is `--base`, trained first when it is not there: `python train.py` (the default
+model and recipe) for `--base-steps` steps.
 """
 
 import argparse
@@ -98,11 +99,13 @@ def main():
     parser.add_argument("--out", default="out/chat_demo", help="instructions, data and the run")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     parser.add_argument("--held-out", type=int, default=50, help="test questions per task")
+    parser.add_argument("--base-steps", type=int, default=800, help="when the base is trained")
     args = parser.parse_args()
     base, out = Path(args.base), Path(args.out)
     if checkpoint.latest(base, sharded=False) is None:
-        print(f"training the base model into {base}: python train.py", flush=True)
-        subprocess.run([sys.executable, "train.py", f"--out_dir={base}"], cwd=ROOT, check=True)
+        command = ["train.py", f"--out_dir={base.resolve()}", f"--max_steps={args.base_steps}"]
+        print(f"training the base model: python {' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text()
     train, test = split(instructions(text), args.held_out, train_per_task=2000)
     out.mkdir(parents=True, exist_ok=True)

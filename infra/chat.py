@@ -63,8 +63,14 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHAT_TEMPLATE_FILE = "chat_template.json"  # beside tokenizer.json in data and run folders
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant"}
-ROLES["gpt"] = "assistant"  # ShareGPT's names, and the messages shape's
+# a message's role: the messages shape's names, and ShareGPT's
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "human": "user",
+    "gpt": "assistant",
+}
 SPLIT_FILES = ("tokens", "mask", "bounds")  # a split's files: {split}.{name}
 
 
@@ -383,9 +389,15 @@ def prepare_conversations(cfg: TrainConfig, resuming: bool) -> None:
     tokenizer = chat_tokenizer(cfg.tokenizer)
     template, context = tokenizer.chat_template, cfg.model.max_seq_len + 1
     splits = {split: ([], [], [0]) for split in ("train", "val")}  # ids, masks, bounds
-    cut = dropped = 0
+    cut = dropped = refused = 0
     for split, messages in read_conversations(cfg.inputs, cfg.val_fraction):
-        ids, mask = template.encode(tokenizer, messages)
+        try:
+            ids, mask = template.encode(tokenizer, messages)
+        except ChatError as error:  # the template's own rule (roles alternating, say)
+            refused += 1
+            if refused <= 3:
+                warn(f"{error}; skipped")
+            continue
         if not any(mask[1:context]):  # the context ends before its first reply
             dropped += 1
             continue
@@ -395,6 +407,9 @@ def prepare_conversations(cfg: TrainConfig, resuming: bool) -> None:
         masks.append(mask)
         bounds.append(bounds[-1] + len(ids))
     train, val = splits["train"], splits["val"]
+    if refused > MAX_BAD_SHARE * (refused + len(train[0]) + len(val[0])):
+        why = f"the chat template refused {refused:,} conversations"
+        raise DataError(f"{why}; fix them, or use a model whose template accepts them")
     if len(train[0]) + len(val[0]) < 2:
         raise DataError(
             f"{', '.join(cfg.inputs)} hold fewer than 2 usable conversations; one is needed for "
@@ -424,6 +439,7 @@ def prepare_conversations(cfg: TrainConfig, resuming: bool) -> None:
     write_atomic(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     notes = f"; {cut:,} longer than the context of {context - 1} tokens are cut" if cut else ""
     notes += f"; {dropped:,} without a reply inside the context left out" if dropped else ""
+    notes += f"; {refused:,} refused by the chat template" if refused else ""
     done = f"prepared {counts['train']:,} train and {counts['val']:,} val conversations in {out}"
     print(done + notes, file=sys.stderr)
 
