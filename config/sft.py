@@ -7,7 +7,8 @@ trained on conversations, the loss on the assistant's replies only (infra/chat.p
 The model's shape and tokenizer come from init_from; a model without a chat template gets ChatML
 (two special tokens, and rows for them in its embedding and output tables). A step trains on
 global_batch_tokens / max_seq_len conversations (32 at the default model's 128-token context),
-each a row of its own; the learning rate is a fine-tuning one, a tenth of pretraining's.
+each a row of its own. The learning rate is half of the default model's pretraining one; models
+of a billion parameters and more fine-tune at about 1e-5 (--lr=1e-5).
 """
 
 from config import TrainConfig
@@ -16,7 +17,7 @@ config = TrainConfig(
     chat=True,
     data_dir="out/data/sft",
     out_dir="out/sft",
-    lr=2e-4,
+    lr=1e-3,
     warmup_steps=20,
     max_steps=300,
     eval_interval=50,
