@@ -2,13 +2,13 @@
 generated from the bundled text, the default base model fine-tuned on it with config/sft.py, and
 exact-match accuracy on held-out questions before and after.
 
-    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 300]
+    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600]
 
-Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed:
-who speaks a line (the speaker's name as the text writes it), reverse three words, spell a word
-letter by letter, add two numbers below 50. The held-out questions are never among the training
-ones. The base model is `--base`, trained first when it is not there: `python train.py` (the default
-model and recipe) for `--base-steps` steps.
+Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed: who
+speaks a line (the speaker's name as the text writes it), reverse three common words, spell a
+common word letter by letter, add two numbers below 20. The held-out questions are never among
+the training ones. The base model is `--base`, trained first when it is not there: `python
+train.py` (the default model and recipe) for `--base-steps` steps.
 """
 
 import argparse
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,20 +39,19 @@ def instructions(text: str, seed: int = 0) -> dict:
     """{task: [(question, answer), ...]}: every question of a task distinct."""
     rng = random.Random(seed)
     speeches = re.findall(r"\n\n([A-Z][A-Za-z ]+):\n([^\n]+)", text)
-    counts = {}
-    for name, _ in speeches:
-        counts[name] = counts.get(name, 0) + 1
-    main = {name for name, n in counts.items() if n >= 60}  # the main characters
+    speakers = Counter(name for name, _ in speeches)
+    main = {name for name, n in speakers.items() if n >= 60}  # the main characters
     lines = sorted({(line.strip(), name) for name, line in speeches if name in main})
-    words = sorted({w for w in re.findall(r"\b[a-z]{3,7}\b", text)})
+    counts = Counter(re.findall(r"\b[a-z]{3,6}\b", text))
+    words = sorted(w for w, _ in counts.most_common(1500))  # the common ones, in a fixed order
     tasks = {
         "speaker": [(f'Who says: "{line}"?', name) for line, name in lines],
         "reverse": [],
         "spell": [(f"Spell the word: {w}", " ".join(w)) for w in words],
-        "add": [(f"What is {a} + {b}?", str(a + b)) for a in range(50) for b in range(50)],
+        "add": [(f"What is {a} + {b}?", str(a + b)) for a in range(20) for b in range(20)],
     }
     for _ in range(3000):
-        three = rng.sample(words, 3)
+        three = rng.sample(words[:300], 3)
         tasks["reverse"].append((f"Reverse the words: {' '.join(three)}", " ".join(three[::-1])))
     for pairs in tasks.values():
         rng.shuffle(pairs)
@@ -97,7 +97,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="out/default", help="the base run (trained if absent)")
     parser.add_argument("--out", default="out/chat_demo", help="instructions, data and the run")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
     parser.add_argument("--held-out", type=int, default=50, help="test questions per task")
     parser.add_argument("--base-steps", type=int, default=800, help="when the base is trained")
     args = parser.parse_args()
