@@ -6,6 +6,7 @@ as a Hugging Face Llama model.
     python sample.py --ckpt path/to/TinyLlama-1.1B --prompt "The capital of France is"
     python sample.py --ckpt out --export-hf out/hf
     python sample.py --ckpt out/best --score data/tinyshakespeare.txt   # bits per byte on a text
+    python sample.py --ckpt out/sft --chat [--system TEXT] [--prompt TEXT]  # talk (infra/chat.py)
 
 Generation uses the model's KV cache: one forward pass over the prompt ("prefill"), then one
 position per new token, instead of running the whole text through the model again for each token.
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from infra import hf
+from infra import chat, hf
 from infra.files import error_line, first_line
 from infra.inference import load_checkpoint
 from infra.score import score_text
@@ -167,6 +168,8 @@ def parse_args(argv):
     add("--overwrite", action="store_true", help="with --export-hf: replace an earlier export")
     add("--score", metavar="FILE", help="print the model's bits per byte on FILE (last number)")
     add("--stride", type=int, help="with --score: how far each window moves (default: context)")
+    add("--chat", action="store_true", help="talk: turns from the terminal, or one --prompt")
+    add("--system", help="with --chat: the system message")
     return p.parse_args(argv)
 
 
@@ -209,6 +212,10 @@ def run(args):
         return 0
     check_sampling_params(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           args.num_samples)
+    if args.chat:  # a conversation through the model's chat template (infra/chat.py)
+        scripted = read_prompt(args) if args.prompt or args.prompt_file else None
+        model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+        return chat.talk(model, tokenizer, args, scripted, sample_next, StreamDecoder)
     prompt = read_prompt(args)  # before the slow load, so that a bad prompt file fails fast
     model, tokenizer, _ = load_checkpoint(args.ckpt, device)
     eos_id = tokenizer.eos_id

@@ -28,7 +28,7 @@ from data import TokenData, bits_per_byte, token_byte_lengths
 from infra import checkpoint, distributed, hf, memory, run
 from infra.files import error_line
 from infra.logs import Logger, Meter
-from model import Transformer
+from model import IGNORE_INDEX, Transformer
 from tokenizer import UserError
 
 # ----------------------------------------------------------------------------- the recipe
@@ -151,8 +151,9 @@ def evaluate(model, val_data: TokenData, cfg, batch_size, token_bytes, rt, autoc
         x, y = val_data.batch(mine[i : i + batch_size], seq, rt.device)
         with autocast():
             _, loss = model(x, y)
-        n = sums.new_tensor(y.numel())
-        sums += torch.stack([loss.double() * n, token_bytes[y].sum(), n])
+        counted = y != IGNORE_INDEX  # the loss mask: chat data trains on the replies only
+        n = counted.sum().double()
+        sums += torch.stack([loss.double() * n, (token_bytes[y * counted] * counted).sum(), n])
     if rt.distributed:
         dist.all_reduce(sums)
     nats, text_bytes, tokens = sums.tolist()
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig, plan, rt, resume_from: Path | None, changes: dict, o
 
     # data: prepared on first use; a batch is a pure function of (seed, step)
     tokenizer = run.ensure_data(cfg, rt, resuming)
-    train_data, val_data = TokenData(cfg.data_dir, "train"), TokenData(cfg.data_dir, "val")
+    train_data, val_data = run.open_splits(cfg)  # TokenData, or ChatData for conversations
     for split in (train_data, val_data):
         split.check_length(cfg.model.max_seq_len)
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size).to(rt.device)

@@ -52,6 +52,7 @@ class TrainConfig:
     tokenizer_max_bytes: int = 200_000_000  # tokenizer training reads at most this much text
     val_max_bytes: int = 100_000_000  # ... and at most this much input is held out
     text_field: str = "text"  # the field of .jsonl records / column of .parquet files
+    chat: bool = False  # inputs are conversations; the loss is on the replies (infra/chat.py)
     tokenizer_memory_budget: int | None = None  # bytes; None: the trainer's default
 
     out_dir: str = "out/default"  # checkpoints, log.jsonl, tokenizer.json

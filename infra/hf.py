@@ -44,6 +44,7 @@ from tokenizer import Tokenizer, UserError
 
 CONFIG_FILE = "config.json"
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> class
+VOCABULARY_TABLES = ("tok_embeddings.weight", "output.weight")  # a row per token id
 MAX_SHARD_BYTES = 5 * 2**30  # export: transformers' default shard size
 EXPORTED_BY = "sample.py --export-hf"  # config.json's "exported_by": an export of this project
 # Every file an export writes; a folder holding only these, with EXPORTED_BY, is an earlier export.
@@ -243,6 +244,20 @@ def hf_config(config: ModelConfig, bos_id: int | None, eos_id: int | None) -> di
     )
 
 
+class _GrownTable:
+    """A vocabulary table of a file with rows appended up to `rows`, each the mean of the file's
+    rows: a token a chat template adds starts as the average token (its logit the average
+    logit), not as noise."""
+
+    def __init__(self, tensor, rows: int):
+        self.tensor, self.rows = tensor, rows
+
+    def __getitem__(self, index):
+        table = self.tensor[:].float()
+        added = table.mean(dim=0, keepdim=True).expand(self.rows - len(table), -1)
+        return torch.cat([table, added])[index]
+
+
 class _SafetensorsTensor:
     """A tensor in a safetensors file, read from disk only when (and as far as) it is indexed."""
 
@@ -309,7 +324,9 @@ def _hf_tensors(folder: Path) -> dict:
 
 def _match(tensors: dict, shapes: dict, file_name, ignore, where) -> dict:
     """Our name -> lazy tensor for every name in `shapes`, checking that the file holds exactly
-    those (besides names `ignore` accepts) with the same shapes, in floating point."""
+    those (besides names `ignore` accepts) with the same shapes, in floating point. A vocabulary
+    table may have fewer rows than the model's (the tokens a chat template adds): load_weights
+    fills the rest."""
 
     wanted = {file_name(name): name for name in shapes}
     unexpected = [n for n in tensors if n not in wanted and not ignore(n)]
@@ -322,8 +339,9 @@ def _match(tensors: dict, shapes: dict, file_name, ignore, where) -> dict:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise HFError(f"{where} lacks {missing[0]}{more}")
     for file_key, name in wanted.items():
-        tensor = tensors[file_key]
-        if tuple(tensor.shape) != tuple(shapes[name]):
+        tensor, want = tensors[file_key], tuple(shapes[name])
+        fewer_rows = name in VOCABULARY_TABLES and tensor.shape[1:] == want[1:]
+        if tuple(tensor.shape) != want and not (fewer_rows and tensor.shape[0] < want[0]):
             raise HFError(
                 f"{where}: {file_key} has shape {list(tensor.shape)} but the model's config gives "
                 f"{list(shapes[name])}"
@@ -456,6 +474,9 @@ def load_weights(model: Transformer, path, verbose: bool = True):
     if _kind(path) == "run" and (found := _run_checkpoint(path))[0] == "dcp":
         return _load_dcp(model, found[1], shapes)
     tensors = open_weights(path, shapes, model.config.tie_embeddings)
+    for name, tensor in tensors.items():
+        if tensor.shape[0] < shapes[name][0]:
+            tensors[name] = _GrownTable(tensor, shapes[name][0])
     parts = {name: _local_part(param) for name, param in model.named_parameters()}
     total = sum(part.numel() * part.element_size() for part, _ in parts.values())
     progress = Progress(f"reading {path}", total, verbose=verbose)
@@ -688,7 +709,9 @@ def export(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        generation = {"bos_token_id": bos_id, "eos_token_id": tokenizer.eos_id}
+        template = getattr(tokenizer, "chat_template", None)  # a reply ends at end of turn too
+        eos = tokenizer.eos_id if template is None else template.stop_ids(tokenizer)
+        generation = {"bos_token_id": bos_id, "eos_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_tokenizer(tokenizer, tmp)
         mode = 0o666 & ~_umask()  # what open() gives; safetensors writes its files 0600

@@ -1,5 +1,6 @@
 """A trained model to use: the newest checkpoint of a run folder, its best (RUN/best), one of its
-ckpt-N.pt files, or a Hugging Face model folder; with its tokenizer and config."""
+ckpt-N.pt files, or a Hugging Face model folder; with its tokenizer (and its chat template, if
+any: infra/chat.py) and config."""
 
 import dataclasses
 import zipfile
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from infra import checkpoint, hf
+from infra import chat, checkpoint, hf
 from infra.checkpoint import CheckpointError
 from infra.files import first_line
 from infra.tokenizers import load_tokenizer
@@ -28,6 +29,7 @@ def load_checkpoint(path, device="cpu"):
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if (path / hf.CONFIG_FILE).is_file():
         model, tokenizer = hf.load_folder(path, device, dtype)
+        chat.attach_template(tokenizer, path)
         return model, tokenizer, {"model": dataclasses.asdict(model.config)}
     if (path / ".metadata").is_file():  # one sharded checkpoint (an FSDP run's best, say)
         if not path.with_name(path.name + ".pt").is_file():
@@ -75,7 +77,7 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, ValueError, RuntimeError) as e:
         why = first_line(e)
         raise CheckpointError(f"checkpoint {ckpt_path} does not match model.py: {why}") from None
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = chat.attach_template(load_tokenizer(tok_path), out_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
             f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model "

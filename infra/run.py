@@ -28,8 +28,8 @@ from config import (
     small_model,
     with_values,
 )
-from data import TOKENIZER_FILE, DataError
-from infra import checkpoint, hf
+from data import TOKENIZER_FILE, DataError, TokenData
+from infra import chat, checkpoint, hf
 from infra.distributed import Runtime, check_shared_files
 from infra.files import error_line
 from infra.prepare import check_prepared, prepare
@@ -73,17 +73,20 @@ CHANGEABLE_ON_RESUME = {
 
 def run_config(path: str | None, overrides: list[str]) -> TrainConfig:
     """The config file with the overrides; with init_from, the model of that folder (hf.start_from
-    checks the model keys the file and the overrides set against it)."""
+    checks the model keys the file and the overrides set against it); with chat, a vocabulary
+    that holds the chat template's tokens."""
     values = parse_overrides(list(overrides))
     config = with_values(load_file(path), {k: v for k, v in values.items() if k[:6] != "model."})
     model_values = {k[6:]: v for k, v in values.items() if k.startswith("model.")}
     if not config.init_from:
-        return with_values(config, {f"model.{k}": v for k, v in model_values.items()})
-    default_model = dataclasses.asdict(small_model())
-    file_values = {
-        k: v for k, v in dataclasses.asdict(config.model).items() if v != default_model[k]
-    }
-    return hf.start_from(config, file_values, model_values)
+        config = with_values(config, {f"model.{k}": v for k, v in model_values.items()})
+    else:
+        default_model = dataclasses.asdict(small_model())
+        file_values = {
+            k: v for k, v in dataclasses.asdict(config.model).items() if v != default_model[k]
+        }
+        config = hf.start_from(config, file_values, model_values)
+    return chat.chat_config(config) if config.chat else config  # rows for the template's tokens
 
 
 def from_dict(saved: dict) -> TrainConfig:
@@ -245,7 +248,9 @@ def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool):
             text_field=cfg.text_field,
         )
         try:
-            if (Path(cfg.data_dir) / "meta.json").exists():
+            if cfg.chat:  # conversations, with the loss mask: infra/chat.py
+                chat.prepare_conversations(cfg, resuming)
+            elif (Path(cfg.data_dir) / "meta.json").exists():
                 # The bundled corpus is only a default: a data_dir prepared from other text is
                 # used as it is.
                 inputs = None if cfg.inputs == TrainConfig().inputs else cfg.inputs
@@ -263,7 +268,9 @@ def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool):
     if failure is not None:
         raise DataError(failure)
     check_shared_files(rt, Path(cfg.data_dir) / "meta.json", "prepared data")
-    tokenizer = load_tokenizer(Path(cfg.data_dir) / TOKENIZER_FILE)
+    tokenizer = chat.attach_template(
+        load_tokenizer(Path(cfg.data_dir) / TOKENIZER_FILE), cfg.data_dir
+    )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
@@ -271,6 +278,12 @@ def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool):
             f"--model.vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def open_splits(cfg: TrainConfig) -> tuple[TokenData, TokenData]:
+    """The train and val splits of the prepared data: token windows, or conversations."""
+    kind = chat.ChatData if cfg.chat else TokenData
+    return kind(cfg.data_dir, "train"), kind(cfg.data_dir, "val")
 
 
 # ----------------------------------------------------------------------------- checkpoints of the
@@ -337,6 +350,7 @@ class Checkpointer:
             )
             if self.rt.is_main:
                 self.tokenizer.save(self.out_dir / TOKENIZER_FILE)
+                chat.save_template(self.tokenizer, self.out_dir)
             self.last_save, self.saved_step = time.time(), step
             record = path, self.last_save - began
         if self.rt.is_main and self.best and self.best["step"] == step:

@@ -548,7 +548,7 @@ def write_tokenizer(tokenizer: Tokenizer, folder) -> None:
     """Write tokenizer.json and tokenizer_config.json (bos and eos named) into `folder`, so that
     transformers' AutoTokenizer.from_pretrained(folder) encodes as `tokenizer` does (with a BOS
     in front where the tokenizer has one, as Llama's do) and load_tokenizer(folder) reads it
-    back."""
+    back; with the tokenizer's chat template, if it has one, for apply_chat_template."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
@@ -560,5 +560,8 @@ def write_tokenizer(tokenizer: Tokenizer, folder) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
     }
+    template = getattr(tokenizer, "chat_template", None)  # infra/chat.py attaches it
+    if template is not None:
+        config["chat_template"] = template.source
     files.write_atomic(folder / "tokenizer.json", tokenizer_json(tokenizer))
     files.write_atomic(folder / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2))

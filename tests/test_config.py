@@ -33,6 +33,7 @@ BAD_VALUES = {
     "tokenizer_max_bytes": "0",
     "val_max_bytes": "0",
     "text_field": "",
+    "chat": "maybe",
     "tokenizer_memory_budget": "0",
     "out_dir": "",
     "micro_batch_size": "-1",

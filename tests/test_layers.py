@@ -23,7 +23,7 @@ CORE = {
 ENTRY_POINTS = {"train", "sample"}
 THIRD_PARTY = {"torch", "numpy", "regex"}
 # Lines a core file, and the core in all, may hold: each is read top to bottom in one sitting.
-CORE_LIMIT, CORE_TOTAL_LIMIT = 400, 1880
+CORE_LIMIT, CORE_TOTAL_LIMIT = 400, 1900
 
 
 def project_modules() -> dict[str, Path]:
