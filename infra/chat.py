@@ -7,8 +7,9 @@ Conversations. A .jsonl file holds one conversation a line, in either common sha
 {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} or ShareGPT's
 {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}. A record that is neither,
 or has no assistant reply, is skipped with a warning and counted (an error above 1% of a file's
-records, as for corpora). A share val_fraction of the conversations, chosen by a hash of the file
-and line, is held out for validation.
+records, as for corpora). A share val_fraction of the conversations, chosen by a hash of the
+record's text (the same whatever the file's name or the record's place), is held out for
+validation.
 
 Templates. A conversation becomes tokens through a chat template. A model trained here gets
 ChatML, `<|im_start|>role\\ncontent<|im_end|>\\n` per message, with <|im_start|> and <|im_end|>
@@ -321,8 +322,9 @@ def conversation(record) -> list | str:
 
 def read_conversations(inputs, val_fraction: float):
     """(split, messages) of every conversation in the .jsonl files of `inputs`, in order, the
-    split by a hash of (file, line). Bad records are skipped with a warning and counted; above
-    MAX_BAD_SHARE of a file's records (and at least 10, or all of them) they are an error."""
+    split by a hash of the record's text (as infra/corpus.py splits records). Bad records are
+    skipped with a warning and counted; above MAX_BAD_SHARE of a file's records (and at least 10,
+    or all of them) they are an error."""
     for source in list_sources(inputs):
         if not source.path.name.endswith(".jsonl"):
             raise DataError(f"{source.path}: conversations are read from .jsonl files (one a line)")
@@ -343,7 +345,7 @@ def read_conversations(inputs, val_fraction: float):
                     if bad <= 3:
                         warn(f"{source.path}:{number}: {found}; skipped")
                     continue
-                key = hashlib.blake2b(f"{source.key}\0{number}".encode(), digest_size=8).digest()
+                key = hashlib.blake2b(line.strip(), digest_size=8).digest()  # by content
                 yield (
                     ("val" if int.from_bytes(key, "little") < val_fraction * 2**64 else "train"),
                     found,

@@ -103,24 +103,32 @@ def test_masked_loss_equals_a_numpy_reference(chunk_elements):
 # ----------------------------------------------------------------------------- conversations
 
 
-def test_both_record_shapes_give_the_same_messages_and_bad_records_are_counted(tmp_path, capsys):
-    messages = greeting("Ann") + [{"role": "system", "content": "Be brief."}]
-    shapes = [
+def shapes_of(messages) -> list[dict]:
+    """The same conversation in the two record shapes: messages, and ShareGPT's conversations."""
+    return [
         {"messages": messages},
         {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"],
                                                                               m["role"]),
                             "value": m["content"]} for m in messages]},
     ]  # fmt: skip
+
+
+def test_both_record_shapes_give_the_same_messages_and_bad_records_are_counted(tmp_path, capsys):
+    messages = greeting("Ann") + [{"role": "system", "content": "Be brief."}]
+    shapes = shapes_of(messages)
     assert chat.conversation(shapes[0]) == chat.conversation(shapes[1]) == messages
     assert "no assistant" in chat.conversation({"messages": messages[:1]})
     assert "lone surrogate" in chat.conversation(json.loads('{"messages": [{"role": "user", '
                                                             '"content": "\\ud83d"}]}'))  # fmt: skip
     path = tmp_path / "chats.jsonl"
-    good = "".join(json.dumps(shapes[k % 2]) + "\n" for k in range(200))
+    # distinct conversations: the split goes by a record's text, so equal records share one
+    good = "".join(json.dumps(shapes_of(greeting(f"Ann {k}"))[k % 2]) + "\n" for k in range(200))
     path.write_text(good + "not json\n")
     found = list(chat.read_conversations([str(path)], 0.1))
     assert len(found) == 200 and {split for split, _ in found} == {"train", "val"}
     assert "skipped 1 bad record(s) of 201" in capsys.readouterr().err
+    (tmp_path / "renamed.jsonl").write_text("".join(reversed(good.splitlines(keepends=True))))
+    assert list(chat.read_conversations([str(tmp_path / "renamed.jsonl")], 0.1)) == found[::-1]
     path.write_text(good[: len(good) // 10] + "not json\n" * 10)  # 10 bad of 30: an error
     with pytest.raises(chat.DataError, match="10 of 30 records are not conversations"):
         list(chat.read_conversations([str(path)], 0.1))
