@@ -359,8 +359,10 @@ def text_layout(source: Source, share: float) -> TextLayout:
 
 
 def block_size(source: Source) -> int:
-    """The grid of a text file's blocks, or of a plain JSONL file's sample cells."""
-    return min(MAX_BLOCK, max(MIN_BLOCK, text_bytes(source) // BLOCKS_PER_FILE))
+    """The grid of a text file's blocks (on its text: a compressed one is counted once), or of a
+    plain JSONL file's sample cells."""
+    size = text_bytes(source) if source.format is TEXT else source.size
+    return min(MAX_BLOCK, max(MIN_BLOCK, size // BLOCKS_PER_FILE))
 
 
 def _char_start(data, i: int, end: int) -> int:
