@@ -153,7 +153,7 @@ def chunked_cross_entropy(h, weight, targets, chunk_elements: int = LOSS_CHUNK_E
     """Mean cross-entropy of the logits h @ weight.T against targets, in checkpointed chunks of at
     most chunk_elements logits: all of them in fp32 at once can take many GB."""
     h, targets = h.flatten(0, 1), targets.flatten()
-    count = (targets != IGNORE_INDEX).sum().clamp(min=1)  # no target: a loss of 0, not 0/0
+    count = (targets != IGNORE_INDEX).sum()
     chunk = max(1, chunk_elements // weight.size(0))
     if h.size(0) <= chunk:  # small enough: no recomputation
         return _loss_sum(h, weight, targets) / count

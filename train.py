@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig, rt, dtype: torch.dtype, sharded: bool, pretrai
     if pretrained:
         model.to_empty(device=rt.device)
         try:
-            hf.load_weights(model, cfg.init_from, verbose=rt.is_main)
+            hf.load_weights(model, cfg.init_from, rt.is_main, new_rows=cfg.chat)  # chat: its tokens
         except UserError as error:  # each rank reads its own shards: each reports its failure
             if rt.is_main:
                 raise

@@ -89,7 +89,7 @@ def base_as_chat_model(base: Path):
     config = checkpoint.safe_load(checkpoint.latest(base, sharded=False))["config"]["model"]
     config["vocab_size"] = max(config["vocab_size"], tokenizer.vocab_size)
     model = Transformer(ModelConfig(**config))
-    hf.load_weights(model, base, verbose=False)
+    hf.load_weights(model, base, verbose=False, new_rows=True)
     return model.eval(), tokenizer
 
 

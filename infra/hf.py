@@ -322,11 +322,11 @@ def _hf_tensors(folder: Path) -> dict:
     )
 
 
-def _match(tensors: dict, shapes: dict, file_name, ignore, where) -> dict:
+def _match(tensors: dict, shapes: dict, file_name, ignore, where, new_rows=False) -> dict:
     """Our name -> lazy tensor for every name in `shapes`, checking that the file holds exactly
-    those (besides names `ignore` accepts) with the same shapes, in floating point. A vocabulary
-    table may have fewer rows than the model's (the tokens a chat template adds): load_weights
-    fills the rest."""
+    those (besides names `ignore` accepts) with the same shapes, in floating point. With
+    `new_rows`, a vocabulary table may have fewer rows than the model's (the tokens a chat
+    template adds): load_weights fills the rest."""
 
     wanted = {file_name(name): name for name in shapes}
     unexpected = [n for n in tensors if n not in wanted and not ignore(n)]
@@ -340,7 +340,7 @@ def _match(tensors: dict, shapes: dict, file_name, ignore, where) -> dict:
         raise HFError(f"{where} lacks {missing[0]}{more}")
     for file_key, name in wanted.items():
         tensor, want = tensors[file_key], tuple(shapes[name])
-        fewer_rows = name in VOCABULARY_TABLES and tensor.shape[1:] == want[1:]
+        fewer_rows = new_rows and name in VOCABULARY_TABLES and tensor.shape[1:] == want[1:]
         if tuple(tensor.shape) != want and not (fewer_rows and tensor.shape[0] < want[0]):
             raise HFError(
                 f"{where}: {file_key} has shape {list(tensor.shape)} but the model's config gives "
@@ -420,16 +420,17 @@ def pretrained_config(path) -> ModelConfig:
         raise HFError(f"{file} does not match model.py: {first_line(e)}") from None
 
 
-def open_weights(path, shapes: dict, tied: bool) -> dict:
+def open_weights(path, shapes: dict, tied: bool, new_rows: bool = False) -> dict:
     """Our parameter name -> lazily read tensor, for a Hugging Face folder or a run folder's
-    ckpt-N.pt, checked against `shapes` (name -> shape of every parameter, the tied head once)."""
+    ckpt-N.pt, checked against `shapes` (name -> shape of every parameter, the tied head once;
+    with `new_rows`, vocabulary tables may have fewer rows)."""
     path = Path(path)
     if _kind(path) == "hf":
 
         def ignore(name):  # old checkpoints hold RoPE's frequencies, which config.json determines
             return name.endswith(".rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
 
-        return _match(_hf_tensors(path), shapes, hf_name, ignore, path)
+        return _match(_hf_tensors(path), shapes, hf_name, ignore, path, new_rows)
     kind, file, state = _run_checkpoint(path)
     if kind == "dcp":
         raise HFError(
@@ -437,16 +438,16 @@ def open_weights(path, shapes: dict, tied: bool) -> dict:
             f"{path}` first"
         )
     tied_head = {"output.weight"} if tied else set()
-    return _match(state["model"], shapes, lambda name: name, tied_head.__contains__, file)
+    return _match(state["model"], shapes, lambda name: name, tied_head.__contains__, file, new_rows)
 
 
-def check_weights(path, config: ModelConfig):
+def check_weights(path, config: ModelConfig, new_rows: bool = False):
     """Open the weight files of `path` and check their names and shapes against `config`, reading
-    only their headers."""
+    only their headers (new_rows: see open_weights)."""
     path = Path(path)
     if _kind(path) == "run" and _run_checkpoint(path)[0] == "dcp":
         return  # torch.distributed.checkpoint checks them when it loads
-    open_weights(path, _shapes(config), config.tie_embeddings)
+    open_weights(path, _shapes(config), config.tie_embeddings, new_rows)
 
 
 def _local_part(param):
@@ -464,16 +465,18 @@ def _local_part(param):
 
 
 @torch.no_grad()
-def load_weights(model: Transformer, path, verbose: bool = True):
+def load_weights(model: Transformer, path, verbose: bool = True, new_rows: bool = False):
     """Copy the weights in `path` (a Hugging Face model folder or a run folder) into `model`, whose
     parameters are already allocated on their device: plain tensors, or this rank's shards after
     FSDP2's fully_shard, in which case only the rows of those shards are read from disk. A sharded
-    ckpt-N/ is read with torch.distributed.checkpoint, which also reads each rank's part only."""
+    ckpt-N/ is read with torch.distributed.checkpoint, which also reads each rank's part only.
+    With `new_rows` (a chat run), rows of the vocabulary tables the file lacks are each the mean
+    of its rows."""
     path = Path(path)
     shapes = {name: param.shape for name, param in model.named_parameters()}  # tied head once
     if _kind(path) == "run" and (found := _run_checkpoint(path))[0] == "dcp":
         return _load_dcp(model, found[1], shapes)
-    tensors = open_weights(path, shapes, model.config.tie_embeddings)
+    tensors = open_weights(path, shapes, model.config.tie_embeddings, new_rows)
     for name, tensor in tensors.items():
         if tensor.shape[0] < shapes[name][0]:
             tensors[name] = _GrownTable(tensor, shapes[name][0])

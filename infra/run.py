@@ -229,7 +229,7 @@ def prepare_out_dir(cfg: TrainConfig, rt: Runtime, overwrite: bool, resuming: bo
         (out_dir / ".run").write_text(f"{os.getpid()} {time.time()}")
     check_shared_files(rt, out_dir / ".run", "run folder")
     if cfg.init_from and not resuming:
-        hf.check_weights(cfg.init_from, cfg.model)
+        hf.check_weights(cfg.init_from, cfg.model, new_rows=cfg.chat)
 
 
 def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool):
