@@ -520,7 +520,7 @@ def test_final_sample_of_a_training_run_skips_padding_rows(ckpt_dir, tmp_path, c
 
     favour_padding(monkeypatch, Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json")).vocab_size)
     (tmp_path / "corpus.txt").write_text(
-        open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read()[:30000]
+        open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read()[:40000]
     )
     assert (
         train.main(
