@@ -73,7 +73,8 @@ def train_sentencepiece(texts, vocab_size, folder):
         ),
     )
     tok.pre_tokenizer = None
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spaces_to_underscores = [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence(spaces_to_underscores)
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),

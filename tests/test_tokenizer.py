@@ -26,7 +26,12 @@ from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 SHARED_ZH = ROOT.parent / "shared" / "data" / "chinese_poetry.txt"
-ZH = "我们今天学习了自然语言处理，分词器把文字变成数字。你好，世界！春眠不觉晓，处处闻啼鸟。\n"
+ZH = "".join(
+    [
+        "我们今天学习了自然语言处理，分词器把文字变成数字。",
+        "你好，世界！春眠不觉晓，处处闻啼鸟。\n",
+    ]
+)
 MIXED = "Hello, world! 你好😀 don't   stop\r\n\r\n  12345 x\t\ty 'LL 've"
 
 
@@ -38,7 +43,12 @@ def tok():
 # ----------------------------------------------------------------------------- round trips
 
 weird = st.lists(
-    st.sampled_from(list("ab Z'sl\r\n\t 09中文字😀é\u00a0\u3000,.!?") + ["'ll", "\r\n", "   "])
+    st.sampled_from(
+        [
+            *"ab Z'sl\r\n\t 09中文字😀é\u00a0\u3000,.!?",
+            *["'ll", "\r\n", "   "],
+        ]
+    )
 ).map("".join)
 
 
@@ -176,7 +186,8 @@ def test_training_equals_naive_recount_on_random_text_under_any_budget(text, n_m
 
 
 def test_incremental_training_equals_naive_recount_on_real_text():
-    text = CORPUS[:15_000] + "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
+    poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+    text = CORPUS[:15_000] + poem * 3
     assert Tokenizer.train(text, 256 + 150, special_tokens=()).merges == naive_merges(text, 150)
     assert bpe_train.train_tokenizer(text, 256 + 150, special_tokens=()).merges == naive_merges(
         text, 150
@@ -229,7 +240,8 @@ def chinese_like(n_chars, seed):
     clauses, total = [], 0
     while total < n_chars:
         length = rng.randint(2, 16)
-        clauses.append("".join(itertools.islice(drawn, length)) + rng.choice("，，，。。、；！\n"))
+        clause = "".join(itertools.islice(drawn, length))
+        clauses.append(clause + rng.choice("，，，。。、；！\n"))
         total += length
     return "".join(clauses)
 

@@ -32,7 +32,12 @@ tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
-ZH = "我们今天学习了自然语言处理，分词器把文字变成数字。你好，世界！春眠不觉晓，处处闻啼鸟。\n"
+ZH = "".join(
+    [
+        "我们今天学习了自然语言处理，分词器把文字变成数字。",
+        "你好，世界！春眠不觉晓，处处闻啼鸟。\n",
+    ]
+)
 TRAIN = (
     CORPUS[:150_000].splitlines()
     + [ZH * 3, "emoji 😀😀 x\t\ty  12345 678\r\n", "  ¡hola!  ça   ﬁ"] * 30
@@ -149,7 +154,8 @@ def sentencepiece_json(kind):
     )
     tok.train_from_iterator([text.replace("\n", " ") for text in TRAIN], trainer)
     tok.pre_tokenizer = None
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spaces_to_underscores = [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence(spaces_to_underscores)
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),
