@@ -47,7 +47,7 @@ from data import (
     feistel_permutation,
     read_meta,
 )
-from infra.corpus import MAX_BAD_SHARE, list_sources
+from infra.corpus import MAX_BAD_SHARE, list_sources, record_split
 from infra.files import error_line
 from infra.prepare import input_fingerprint
 from infra.progress import warn
@@ -345,11 +345,7 @@ def read_conversations(inputs, val_fraction: float):
                     if bad <= 3:
                         warn(f"{source.path}:{number}: {found}; skipped")
                     continue
-                key = hashlib.blake2b(line.strip(), digest_size=8).digest()  # by content
-                yield (
-                    ("val" if int.from_bytes(key, "little") < val_fraction * 2**64 else "train"),
-                    found,
-                )
+                yield record_split(line.decode("utf-8", "replace").strip(), val_fraction), found
         if bad > MAX_BAD_SHARE * records and (bad >= 10 or bad == records):
             raise DataError(
                 f"{source.path}: {bad:,} of {records:,} records are not conversations (first: "

@@ -662,7 +662,7 @@ def _jsonl_pieces(file: Reading, share, field, report):
         offset += len(line)
         text = _record_text(line, field, report, f"{file.source.path}:{line_number}")
         if text:
-            split = _record_split(text, share)
+            split = record_split(text, share)
             resume = (file.index, offset, line_number)
             yield from _document(text, split, resume, file.done + file.raw.tell())
 
@@ -694,12 +694,13 @@ def _parquet_pieces(file: Reading, share, field, report):
             elif _SURROGATE.search(value):
                 report.bad_record(where, "a lone surrogate, which is not text")
             elif value:
-                split = _record_split(value, share)
+                split = record_split(value, share)
                 done = file.done + source.size * row // rows
                 yield from _document(value, split, (file.index, 0, row), done)
 
 
-def _record_split(text: str, share: float) -> str:
+def record_split(text: str, share: float) -> str:
+    """A record's split: val when a hash of its text is below the share."""
     return "val" if _content_hash(text.encode("utf-8")) < share else "train"
 
 
@@ -848,7 +849,7 @@ def _sample_records(source, share, text_field, j) -> tuple[list[str] | None, int
         f.seek(offset)
         while offset < (index + 1) * cell and (line := f.readline()):
             text = _record_text(line, text_field, report, "")
-            if text and _record_split(text, share) == "train":
+            if text and record_split(text, share) == "train":
                 texts += cut_text(text)
             offset += len(line)
     return texts, j
