@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 import data
-from config import TrainConfig, load_config
+from config import TrainConfig
 from data import TokenData, epoch_windows, train_window_starts
+from infra.configurator import load_config
 from tokenizer import Tokenizer
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from config import load_config  # noqa: E402
 from infra import memory  # noqa: E402
+from infra.configurator import load_config  # noqa: E402
 
 GiB = 2**30
 LLAMA2_70B = [

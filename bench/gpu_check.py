@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import load_config  # noqa: E402
+from infra.configurator import load_config  # noqa: E402
 from infra.memory import estimate_memory  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate  # noqa: E402

@@ -3,6 +3,6 @@ memory estimate and trace, Hugging Face interop, other tokenizers' formats, the 
 tokenizer trainer and the fast encoder, corpus reading and resumable data preparation.
 
 The core (tokenizer.py, model.py, config/, data.py) never imports from here; this package imports
-the core; the entry points compose both: train.py, sample.py, and the command lines that live
-here (`python -m infra.prepare`, `python -m infra.tokenizer_cli`).
+the core; the entry points compose both: train.py, sample.py, and the command lines of data.py
+and tokenizer.py, which live here (infra/prepare.py, infra/tokenizer_cli.py).
 """

@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from config import (
-    ConfigError,
-    ModelConfig,
-    TrainConfig,
-    load_file,
-    parse_overrides,
-    small_model,
-    with_values,
-)
+from config import ConfigError, TrainConfig, small_model
 from data import TOKENIZER_FILE, DataError, TokenData
 from infra import chat, checkpoint, hf
+from infra.configurator import flat, from_dict, load_file, parse_overrides, with_values
 from infra.distributed import Runtime, check_shared_files
 from infra.files import error_line
 from infra.prepare import check_prepared, prepare
@@ -87,21 +80,6 @@ def run_config(path: str | None, overrides: list[str]) -> TrainConfig:
         }
         config = hf.start_from(config, file_values, model_values)
     return chat.chat_config(config) if config.chat else config  # rows for the template's tokens
-
-
-def from_dict(saved: dict) -> TrainConfig:
-    """The config saved in a checkpoint (dataclasses.asdict form); keys added since then take
-    their defaults, keys removed since are dropped."""
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    model = ModelConfig(**{k: v for k, v in saved.get("model", {}).items() if k in model_keys})
-    return TrainConfig(model=model, **{k: v for k, v in saved.items() if k in train_keys})
-
-
-def flat(config: TrainConfig) -> dict:
-    """{key: value} over every key an override may name, for comparing configs key by key."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k != "model"}
-    return values | {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
 
 
 def newest_checkpoint(out_dir) -> Path | None:

@@ -1,21 +1,14 @@
-"""config/: parsing overrides, validating every key, config files, splitting the global batch,
-resuming."""
+"""config/ and infra/configurator.py: parsing overrides, validating every key, config files,
+splitting the global batch, resuming."""
 
 import math
 
 import pytest
 
 import train
-from config import (
-    ConfigError,
-    TrainConfig,
-    load_config,
-    parse_overrides,
-    plan_batch,
-    valid_keys,
-    with_values,
-)
-from infra.run import CHANGEABLE_ON_RESUME, flat, resume_config
+from config import ConfigError, TrainConfig, plan_batch
+from infra.configurator import flat, load_config, parse_overrides, valid_keys, with_values
+from infra.run import CHANGEABLE_ON_RESUME, resume_config
 
 
 def overridden(config: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -213,7 +213,7 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
 
 
 def run_script(tmp_path, setup: str, argv: list[str], timeout=120) -> subprocess.CompletedProcess:
-    """Run `python -m infra.prepare` (infra.prepare.main) with argv in a fresh process after `setup`
+    """Run `python data.py` (infra.prepare.main) with argv in a fresh process after `setup`
     (small constants, injected faults)."""
     script = tmp_path / "run.py"
     script.write_text(
@@ -686,7 +686,8 @@ def test_iter_texts(tmp_path, capsys):
 
 
 def test_the_data_keys_of_the_config():
-    from config import ConfigError, load_config
+    from config import ConfigError
+    from infra.configurator import load_config
 
     cfg = load_config(
         None, ["--val_max_bytes=1e6", "--text_field=body", "--tokenizer_memory_budget=2e9"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import train
-from config import ConfigError, load_config
+from config import ConfigError
 from infra import memory
+from infra.configurator import load_config
 from infra.distributed import Runtime
 from model import Transformer
 
@@ -43,7 +44,7 @@ sys.path.insert(0, sys.argv[1])
 import train
 from infra import memory
 from infra.distributed import Runtime
-from infra.run import from_dict
+from infra.configurator import from_dict
 dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 rt = Runtime(rank, rank, world_size, torch.device("cpu"))

@@ -14,9 +14,10 @@ import torch
 from run_train import stop_at
 
 import train
-from config import TrainConfig, load_config, plan_batch
+from config import TrainConfig, plan_batch
 from data import TokenData
 from infra import checkpoint, distributed, files
+from infra.configurator import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 384
