@@ -2,7 +2,8 @@
 
 A config file (e.g. config/7b.py) is plain Python run in a namespace of its own; it must define
 `config = TrainConfig(...)`. Overrides are `--key=value` and `--model.key=value`, each converted
-to its field's declared type. An unknown key gets the closest valid ones as a hint.
+to its field's declared type. An unknown key gets the closest valid ones as a hint. A checkpoint's
+saved config is read back with from_dict.
 """
 
 import dataclasses
