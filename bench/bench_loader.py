@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 import data
-from config import TrainConfig
+from config import TrainConfig, bundled_corpus
 from data import TokenData, epoch_windows, train_window_starts
 from infra.configurator import load_config
 from tokenizer import Tokenizer
@@ -174,7 +174,7 @@ def random_starts(num_tokens, seq_len, seed, steps, count) -> np.ndarray:
 def default_train_tokens(cfg: TrainConfig) -> int:
     """Train tokens of the default run: its tokenizer trained on, and encoding, the head of the
     corpus."""
-    text = Path(ROOT / cfg.inputs[0]).read_text()
+    text = Path(bundled_corpus()[0]).read_text()
     train = text[: int(len(text) * (1 - cfg.val_fraction))]
     return len(Tokenizer.train(train, cfg.model.vocab_size).encode_ordinary(train)) + 1
 

@@ -40,8 +40,9 @@ class TrainConfig:
     """Everything a run needs. The defaults are the small CPU run on the bundled corpus."""
     model: ModelConfig = field(default_factory=small_model)
 
-    # data: inputs (files, folders, .jsonl, ...) are prepared into token shards in data_dir
-    inputs: list[str] = field(default_factory=bundled_corpus)
+    # data: inputs (files, folders, .jsonl, ...) are prepared into token shards in data_dir; none
+    # given: the folder as prepared, else the bundled corpus
+    inputs: list[str] = field(default_factory=list)
     data_dir: str = "out/data/tinyshakespeare"
     tokenizer: str = ""  # an existing tokenizer file; "" trains one of model.vocab_size
     val_fraction: float = 0.1  # share of the documents held out for validation
@@ -137,7 +138,7 @@ RULES = {
     "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
     "data_dir": (bool, "a folder path"),
     "out_dir": (bool, "a folder path"),
-    "inputs": (lambda v: all(v), "paths of text files or folders"),
+    "inputs": (all, "paths of text files or folders"),
 }
 
 

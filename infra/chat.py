@@ -359,7 +359,7 @@ def prepare_conversations(cfg: TrainConfig, resuming: bool) -> None:
     """Encode the conversations of cfg.inputs into cfg.data_dir with the chat tokenizer of
     cfg.tokenizer, or check that the folder holds them (the same files, unchanged since)."""
     out = Path(cfg.data_dir)
-    if cfg.inputs == TrainConfig().inputs:
+    if not cfg.inputs:
         raise ConfigError("chat=true trains on conversations: give --inputs=CONVERSATIONS.jsonl")
     fingerprint = input_fingerprint(list_sources(cfg.inputs))
     if (out / "meta.json").exists():

@@ -88,7 +88,11 @@ def with_values(config: TrainConfig, values: dict) -> TrainConfig:
     """A new config with {key: value} applied ("model.KEY" for model keys); validated as a whole."""
     model = {k[6:]: v for k, v in values.items() if k.startswith("model.")}
     train = {k: v for k, v in values.items() if not k.startswith("model.")}
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model), **train)
+    try:
+        model = dataclasses.replace(config.model, **model)
+    except ValueError as error:  # model.py's checks of the shape: a plain ValueError there
+        raise ConfigError(f"model: {error}") from None
+    return dataclasses.replace(config, model=model, **train)
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -200,9 +200,22 @@ def read_config(folder) -> ModelConfig:
         raise HFError(f"{path}: {first_line(e)}") from None
 
 
+# The ModelConfig fields hf_config maps; a field a fork adds (a sliding window, say) exports only
+# while it holds its default, so that no model exports as a Llama that computes something else.
+EXPORTED_FIELDS = """vocab_size dim n_layers n_heads n_kv_heads ffn_hidden multiple_of max_seq_len
+norm norm_eps rope_theta rope_scale_factor rope_low_freq_factor rope_high_freq_factor
+rope_original_max_seq_len tie_embeddings dropout""".split()
+
+
 def hf_config(config: ModelConfig, bos_id: int | None, eos_id: int | None) -> dict:
     """config.json of a LlamaForCausalLM equal to `config`, in a form transformers 4 and 5 read,
     marked as an export of this project."""
+    for field in dataclasses.fields(config):
+        if field.name not in EXPORTED_FIELDS and getattr(config, field.name) != field.default:
+            raise HFError(
+                f"model.{field.name}={getattr(config, field.name)!r} has no counterpart in "
+                "Hugging Face's Llama: map it in infra/hf.py hf_config to export this model"
+            )
     if config.norm != "rmsnorm":
         raise HFError(
             f"this model uses norm={config.norm!r}; Hugging Face Llama only has RMSNorm, "

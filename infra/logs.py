@@ -3,9 +3,9 @@ in out_dir/log.jsonl always, and the sinks named in the config's `loggers` (Tens
 Biases) beside them; the Meter measures tokens/s, MFU and memory of the training steps.
 
 A record is a flat dict: {"step": 25, "loss": 3.1, ...} for training, with "event" for the others
-("eval", "checkpoint", "start", "resume", "signal", ...). A new sink is a class with `requires`
-(the module to import, its package), `log(record, line, time)` and `close()`, registered in SINKS
-under the name `--loggers` takes.
+("eval", "checkpoint", "start", "resume", "signal", ...). A new sink is a class made as
+`Sink(out_dir, first_step)`, with `requires` (the module to import, its package),
+`log(record, line, time)` and `close()`, registered in SINKS under the name `--loggers` takes.
 """
 
 import contextlib

@@ -52,7 +52,7 @@ from infra.files import error_line
 from infra.progress import Progress, warn
 from infra.tokenizer_cli import parse_size
 from infra.tokenizers import load_tokenizer
-from tokenizer import Tokenizer, UserError
+from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer, UserError
 
 MANIFEST = "prepare.json"  # an unfinished prepare: its settings and last checkpoint
 SHARD_TOKENS = 100_000_000
@@ -157,6 +157,7 @@ def _settings(
     val_max_bytes,
     tokenizer_max_bytes,
     text_field,
+    pattern=None,
 ) -> dict:
     """What decides the tokens of a prepared folder. A given tokenizer counts by its content."""
     return {
@@ -168,6 +169,7 @@ def _settings(
         "tokenizer": given.fingerprint() if given else None,
         "vocab_size": given.vocab_size if given else vocab_size,
         "tokenizer_max_bytes": None if given else tokenizer_max_bytes,
+        "pattern": None if given else pattern,
     }
 
 
@@ -200,8 +202,8 @@ def _mismatch(stored: dict, run: dict, fingerprint: str | None) -> tuple | None:
         if run["tokenizer"] != fingerprint:
             return "tokenizer", fingerprint, run["tokenizer"]
     elif stored.get("tokenizer") is None:  # both train one: on the same sample, to the same size?
-        for key in ("vocab_size", "tokenizer_max_bytes"):
-            if run[key] is not None and run[key] != stored.get(key):
+        for key in ("vocab_size", "tokenizer_max_bytes", "pattern"):
+            if run.get(key) is not None and run[key] != stored.get(key):
                 return key, stored.get(key), run[key]
     for key in ("part", "sources"):
         if key in run and run[key] != stored.get(key):
@@ -231,6 +233,8 @@ def _settings_error(
         what += ")"
     elif key == "tokenizer":
         what = f"with another tokenizer than {tokenizer_path or 'a trained one'}"
+    elif key == "pattern":  # as the regex reads, unescaped
+        what = f"with the split pattern {was}, not {now}"
     else:
         what = f"with {key}={json.dumps(was)}, not {json.dumps(now)}"
     if unfinished:
@@ -244,7 +248,7 @@ def _settings_error(
             f"{folder} holds an unfinished prepare {what}; run again with the same "
             f"settings to resume it, or delete {folder} to start over{keep}"
         )
-    fixed = key in ("inputs", "sources", "tokenizer", "val_split")
+    fixed = key in ("inputs", "sources", "tokenizer", "val_split", "pattern")
     fix = "" if fixed else f", or set {key}={json.dumps(was)}"
     return DataError(
         f"{folder} was prepared {what}; delete {folder} (or choose another data "
@@ -261,6 +265,7 @@ def check_prepared(
     val_max_bytes=None,
     tokenizer_max_bytes=None,
     text_field=None,
+    pattern=None,
 ) -> dict:
     """meta.json of a prepared folder, after checking that it was prepared with these settings
     (None: not checked) from input files unchanged since; a DataError naming the first thing
@@ -275,7 +280,14 @@ def check_prepared(
     stored = meta["settings"]
     given = _load_tokenizer(tokenizer_path) if tokenizer_path else None
     run = _settings(
-        inputs, given, vocab_size, val_fraction, val_max_bytes, tokenizer_max_bytes, text_field
+        inputs,
+        given,
+        vocab_size,
+        val_fraction,
+        val_max_bytes,
+        tokenizer_max_bytes,
+        text_field,
+        pattern,
     )
     difference = _mismatch(stored, run, meta["tokenizer_fingerprint"])
     if difference is None and inputs is not None and stored.get("sources"):
@@ -400,17 +412,20 @@ def prepare(
     text_field: str = DEFAULTS.text_field,
     tokenizer_memory_budget: int | None = None,
     part: tuple[int, int] | None = None,
+    pattern: str = GPT4_SPLIT_PATTERN,
 ) -> dict:
     """Tokenize the inputs into out_dir (train/val shards, tokenizer.json, meta.json); return meta.
 
     Resumes an unfinished prepare of out_dir with the same settings; returns the meta of a
     finished one with the same settings. part=(I, N): the I-th of N slices into
-    out_dir/part-0000I.
+    out_dir/part-0000I. A tokenizer trained here splits text with `pattern`.
     """
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     given = _load_tokenizer(tokenizer_path) if tokenizer_path else None
     if given is None and not vocab_size:
         raise DataError("give a vocabulary size to train a tokenizer, or a tokenizer file")
+    if given is None:
+        Tokenizer(pattern, (), ())  # an invalid pattern fails now, not after reading the corpus
     if part is not None and given is None:
         raise DataError(
             "preparing a part needs a given tokenizer, the same for every part: train "
@@ -418,7 +433,14 @@ def prepare(
             "tok.json) and pass --tokenizer"
         )
     settings = _settings(
-        inputs, given, vocab_size, val_fraction, val_max_bytes, tokenizer_max_bytes, text_field
+        inputs,
+        given,
+        vocab_size,
+        val_fraction,
+        val_max_bytes,
+        tokenizer_max_bytes,
+        text_field,
+        pattern,
     )
     out = Path(out_dir)
     folder = out / f"part-{part[0]:05d}" if part else out
@@ -441,6 +463,7 @@ def prepare(
                     val_max_bytes,
                     tokenizer_max_bytes,
                     text_field,
+                    settings["pattern"],
                 )
                 if verbose:
                     print(f"{folder} is already prepared with these settings", file=sys.stderr)
@@ -552,6 +575,7 @@ def _tokenizer(
                 tokenizer = bpe_train.train_tokenizer(
                     texts,
                     vocab_size,
+                    pattern=settings["pattern"],
                     max_bytes=max_bytes,
                     memory_budget=memory_budget,
                     verbose=verbose,
@@ -737,6 +761,12 @@ def main(argv=None):
     )
     parser.add_argument("--tokenizer", help="use this tokenizer file instead of training one")
     parser.add_argument(
+        "--pattern",
+        default=GPT4_SPLIT_PATTERN,
+        help="the regex that splits text before merging, for the tokenizer trained here "
+        "(default: GPT-4's, tokenizer.py GPT4_SPLIT_PATTERN)",
+    )
+    parser.add_argument(
         "--val-fraction",
         type=float,
         default=DEFAULTS.val_fraction,
@@ -809,6 +839,7 @@ def main(argv=None):
                 text_field=args.text_field,
                 tokenizer_memory_budget=args.tokenizer_memory_budget,
                 part=args.part,
+                pattern=args.pattern,
             )
     except (UserError, OSError) as error:
         Progress.end_line()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from config import ConfigError, TrainConfig, small_model
+from config import ConfigError, TrainConfig, bundled_corpus, small_model
 from data import TOKENIZER_FILE, DataError, TokenData
 from infra import chat, checkpoint, hf
 from infra.configurator import flat, from_dict, load_file, parse_overrides, with_values
@@ -228,14 +228,11 @@ def ensure_data(cfg: TrainConfig, rt: Runtime, resuming: bool):
         try:
             if cfg.chat:  # conversations, with the loss mask: infra/chat.py
                 chat.prepare_conversations(cfg, resuming)
-            elif (Path(cfg.data_dir) / "meta.json").exists():
-                # The bundled corpus is only a default: a data_dir prepared from other text is
-                # used as it is.
-                inputs = None if cfg.inputs == TrainConfig().inputs else cfg.inputs
-                check_prepared(cfg.data_dir, inputs, **settings)
+            elif (Path(cfg.data_dir) / "meta.json").exists():  # no inputs: used as it is
+                check_prepared(cfg.data_dir, cfg.inputs or None, **settings)
             else:  # prepares, or resumes an unfinished prepare
                 prepare(
-                    cfg.inputs,
+                    cfg.inputs or bundled_corpus(),
                     cfg.data_dir,
                     **settings,
                     tokenizer_memory_budget=cfg.tokenizer_memory_budget,

@@ -12,7 +12,7 @@ from config import TrainConfig
 from infra.bpe_train import MIN_MEMORY_BUDGET, check_memory_budget, train_tokenizer
 from infra.fast_encode import accelerate
 from infra.files import error_line
-from tokenizer import UserError
+from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer, UserError
 
 COMPRESSION_SAMPLE_BYTES = 16 << 20  # the compression printed at the end is measured on this much
 
@@ -51,6 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     p.add_argument(
+        "--pattern",
+        default=GPT4_SPLIT_PATTERN,
+        help="the regex that splits text before merging (default: GPT-4's, tokenizer.py "
+        "GPT4_SPLIT_PATTERN)",
+    )
+    p.add_argument(
         "--max-bytes",
         type=int,
         default=None,
@@ -76,6 +82,7 @@ def main(argv=None) -> int:
     try:
         if args.memory_budget is not None:
             check_memory_budget(args.memory_budget)
+        Tokenizer(args.pattern, (), ())  # an invalid pattern fails now, not after reading
         out = Path(args.out)
         check_writable(out)
         start = time.perf_counter()
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
             tok = train_tokenizer(
                 texts,
                 args.vocab_size,
+                pattern=args.pattern,
                 max_bytes=args.max_bytes,
                 memory_budget=args.memory_budget,
                 verbose=True,

@@ -81,7 +81,15 @@ CHECKED_AT_START = {
     "init_from",
     "schedule",
     "loggers",
-}  # the filesystem is looked at when the run starts, before any work
+}  # checked when the run starts, before any work: files, folders and the names of registries
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_shape_the_model_refuses_is_one_line_from_train_py(dry_run, tmp_path, capsys):
+    args = ["--model.n_heads=7", f"--out_dir={tmp_path}"] + ["--dry-run"] * dry_run
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == "error: model: dim 192 is not divisible by n_heads 7\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_key_rejects_a_bad_value(tmp_path, capsys):
@@ -89,7 +97,7 @@ def test_every_key_rejects_a_bad_value(tmp_path, capsys):
     for key, value in BAD_VALUES.items():
         if key in CHECKED_AT_START:
             continue
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(ConfigError) as error:
             overridden(TrainConfig(), [f"--{key}={value}"])
         message = str(error.value)
         assert "\n" not in message and key.removeprefix("model.") in message, (key, message)

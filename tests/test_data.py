@@ -455,6 +455,7 @@ def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file,
         ({"vocab_size": 512}, "with vocab_size=300, not 512"),
         ({"tokenizer_max_bytes": 10**6}, "with tokenizer_max_bytes=30000, not 1000000"),
         ({"text_field": "body"}, 'with text_field="text", not "body"'),
+        ({"pattern": WORDS_AND_SPACES}, r"split pattern '\(\?i:.*, not \\S\+\|\\s\+; delete"),
         ({"tokenizer_path": str(tokenizer_file)}, "with another tokenizer than .*tokenizer.json"),
         ({"tokenizer_path": "nope.json"}, "tokenizer nope.json does not exist"),
     ]:
@@ -465,6 +466,37 @@ def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file,
     )  # the folder's own tokenizer, saved differently: the same content
     reindented.write_text(json.dumps(json.loads((out / "tokenizer.json").read_text()), indent=4))
     check_prepared(out, **{**same, "tokenizer_path": str(reindented)})
+
+
+WORDS_AND_SPACES = r"\S+|\s+"
+
+
+def test_the_split_pattern_is_a_setting_of_data_prep(tmp_path, capsys):
+    """`python data.py --pattern REGEX` trains the folder's tokenizer with that pattern (and the
+    folder records it); an invalid pattern is one line, before any corpus is read."""
+    (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "t.txt"), "--out", str(out), "--vocab-size", "300"]
+    assert preparing.main([*argv, "--pattern", WORDS_AND_SPACES]) is None
+    tokenizer = Tokenizer.load(out / "tokenizer.json")
+    assert tokenizer.pattern == WORDS_AND_SPACES
+    assert tokenizer.split("to be,\n") == ["to", " ", "be,", "\n"]
+    assert check_prepared(out, pattern=WORDS_AND_SPACES)["vocab_size"] == 300
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"^error: invalid split pattern"):
+        preparing.main(
+            [
+                "--input",
+                "nowhere",
+                "--out",
+                str(tmp_path / "bad"),
+                "--vocab-size",
+                "300",
+                "--pattern",
+                "(unclosed",
+            ]
+        )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_tokenizer_trains_on_a_sample_of_the_train_split(tmp_path, monkeypatch, capsys):

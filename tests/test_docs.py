@@ -223,7 +223,7 @@ def check_python(args: list[str], command: str):
         # and range
         try:
             with_values(load_file(namespace.config), parse_overrides(overrides))
-        except (ConfigError, ValueError) as error:
+        except ConfigError as error:
             raise AssertionError(f"{command}: {error}") from None
 
 

@@ -776,6 +776,20 @@ def test_export_refusals(own_run, tmp_path, capsys):
         assert message in err and err.count("\n") == 1
 
 
+def test_a_field_a_fork_adds_exports_only_at_its_default():
+    """A model field infra/hf.py does not map (a fork's sliding window) never exports as a plain
+    Llama: at its default the model is one, otherwise the export is refused."""
+
+    @dataclasses.dataclass
+    class WindowedConfig(ModelConfig):
+        window: int | None = None
+
+    config = WindowedConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4)
+    assert hf.hf_config(config, None, 0)["hidden_size"] == 32
+    with pytest.raises(hf.HFError, match=r"model.window=64 has no counterpart .* hf_config"):
+        hf.hf_config(dataclasses.replace(config, window=64), None, 0)
+
+
 def export_error(argv, capsys):
     """sample.py's stderr for an export that must be refused, checked to be one line."""
     assert sample.main(argv) == 2

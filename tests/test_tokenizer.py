@@ -671,6 +671,15 @@ def test_a_memory_budget_too_small_for_a_useful_sample_is_refused(tmp_path):
 FORK_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}{1,2}")  # numbers in pairs
 
 
+def test_the_tokenizer_command_line_takes_a_split_pattern(tmp_path):
+    result = run_cli(tmp_path, "--out", "tok.json", "--pattern", FORK_PATTERN)
+    assert result.returncode == 0, result.stderr
+    assert Tokenizer.load(tmp_path / "tok.json").pattern == FORK_PATTERN
+    result = run_cli(tmp_path, "--out", "bad.json", "--pattern", "(unclosed")
+    assert result.returncode != 0 and result.stderr.startswith("error: invalid split pattern")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "bad.json").exists()
+
+
 def test_a_changed_split_pattern_gets_none_of_the_default_patterns_fast_paths(monkeypatch):
     """A fork that edits GPT4_SPLIT_PATTERN in tokenizer.py: the ASCII fast split, the cut points
     and the trainer's parts are declared for patterns by their text, so the new pattern gets

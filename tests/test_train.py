@@ -377,12 +377,12 @@ def test_other_tokenizer_is_refused(data_dir, tmp_path, capsys):
 def test_a_prepared_folder_is_used_only_with_the_settings_it_was_made_with(
     data_dir, tmp_path, capsys
 ):
-    """A new corpus, a missing input or another split given for an existing data_dir must not train
-    on
-    the old tokens in silence."""
+    """A new corpus (the bundled one too, when named), a missing input or another split given for
+    an existing data_dir must not train on the old tokens in silence."""
     (tmp_path / "other.txt").write_text("other text\n" * 1000)
     for override, message in [
         (f"--inputs={tmp_path / 'other.txt'}", f"was prepared from {data_dir.parent}"),
+        (f"--inputs={ROOT / 'data' / 'tinyshakespeare.txt'}", "was prepared from"),
         (f"--inputs={tmp_path / 'missing.txt'}", "missing.txt does not exist, and"),
         ("--val_fraction=0.2", "with val_fraction=0.1, not 0.2; delete"),
         ("--model.vocab_size=512", "with vocab_size=384, not 512; delete"),
@@ -390,7 +390,7 @@ def test_a_prepared_folder_is_used_only_with_the_settings_it_was_made_with(
         assert train.main(tiny_args(data_dir, tmp_path / "out", override, "--max_steps=1")) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-    # the bundled corpus is only the default: a data_dir prepared from other text is used as it is
+    # no inputs given: a data_dir prepared from any text is used as it is
     args = [
         a
         for a in tiny_args(data_dir, tmp_path / "out", "--max_steps=1")
