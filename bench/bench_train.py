@@ -74,9 +74,8 @@ def throughput(runs: int, steps: int):
                 f"--log_interval={steps // 3}",
                 f"--eval_interval={10 * steps}",
             )
-            intervals = [r for r in log if "tokens_per_s" in r][
-                1:
-            ]  # the first interval includes warm-up
+            # the first interval includes warm-up
+            intervals = [r for r in log if "tokens_per_s" in r][1:]
             rates.append(statistics.median(r["tokens_per_s"] for r in intervals))
             flops.append(statistics.median(r["flops_per_s"] for r in intervals))
         dtype = next(r["dtype"] for r in log if r.get("event") == "start")

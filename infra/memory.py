@@ -28,9 +28,8 @@ from infra.distributed import autocast as distributed_autocast
 from model import LOSS_CHUNK_ELEMENTS, Transformer
 
 GiB = 2**30
-CUDA_RESERVE = (
-    2 * GiB
-)  # the CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced
+# The CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced.
+CUDA_RESERVE = 2 * GiB
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -72,9 +71,8 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     plan = plan_batch(cfg, world_size)
     tokens = plan.micro_batch_size * m.max_seq_len
     sharded, autocast = cfg.parallel == "fsdp", cfg.parallel != "fsdp" and cfg.dtype != "float32"
-    e = (
-        4 if cfg.dtype == "float32" else 2
-    )  # bytes of the compute dtype on a GPU ("auto" is bf16 there)
+    # Bytes of the compute dtype on a GPU ("auto" is bf16 there).
+    e = 4 if cfg.dtype == "float32" else 2
     stream = e if sharded else 4
     ffn, kv_dim = m.hidden_dim, m.kv_heads * m.head_dim
     block = sum(p.numel() for p in model.layers[0].parameters())

@@ -112,9 +112,8 @@ def test_fsdp_holds_sharded_gradients_between_micro_steps(small_runs):
     )
 
 
-@pytest.mark.parametrize(
-    "micro", [2, 16, 32]
-)  # 16 and 32: what micro_batch_size=0 fits on 80 and 141 GB
+# 16 and 32: what micro_batch_size=0 fits on 80 and 141 GB
+@pytest.mark.parametrize("micro", [2, 16, 32])
 def test_the_7b_trace_on_8_ranks_agrees_with_the_formula(micro):
     """config/7b.py's shapes at 2 of its 32 layers (the whole depth is in bench/bench_memory.py),
     FSDP2 on 8
@@ -177,9 +176,8 @@ def test_memory_estimate_scales_with_parallel_mode():
     ddp8 = memory.estimate_memory(
         load_config("config/7b.py", ["--micro_batch_size=2", "--parallel=ddp"]), 8
     )
-    assert (
-        ddp8["weights (fp32)"] == 4 * 6_738_415_616 and ddp8["total"] > 20 * 6_738_415_616
-    )  # why 7B needs sharding
+    # why 7B needs sharding
+    assert ddp8["weights (fp32)"] == 4 * 6_738_415_616 and ddp8["total"] > 20 * 6_738_415_616
 
     def activations(estimate):
         return next(size for name, size in estimate.items() if name.startswith("activations"))

@@ -155,9 +155,8 @@ def test_llama3_rope_scaling_matches_meta(scaling):
     assert not torch.equal(
         model.rope_cos, Transformer(ModelConfig(dim=256, n_heads=2, rope_theta=500000.0)).rope_cos
     )
-    assert (
-        ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None
-    )  # factor 1 = off
+    # factor 1 = off
+    assert ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None
 
 
 def test_rope_is_relative():
@@ -366,9 +365,8 @@ def test_chunked_loss_never_makes_the_whole_logits():
                     and t.size(-1) == 512
                     and t.size(-2) != 16
                 ):
-                    self.rows = max(
-                        self.rows, t.numel() // 512
-                    )  # logits-shaped, not the 512 x 16 weight
+                    # logits-shaped, not the 512 x 16 weight
+                    self.rows = max(self.rows, t.numel() // 512)
             return out
 
     model = Transformer(
@@ -620,9 +618,8 @@ def test_init_weights_after_to_empty(tie):
     assert model.rope_cos[100, i].item() == pytest.approx(math.cos(angle), abs=1e-7)
     assert model.rope_sin[100, i].item() == pytest.approx(math.sin(angle), abs=1e-7)
     assert "rope_cos" not in model.state_dict()
-    model.to(
-        torch.bfloat16
-    )  # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    model.to(torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.rope_cos, fresh_cos, atol=0, rtol=0)
     torch.testing.assert_close(model.rope_sin, fresh_sin, atol=0, rtol=0)

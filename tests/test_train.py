@@ -80,9 +80,8 @@ def test_tiny_training_learns(data_dir, tmp_path, capsys):
     log = read_log(tmp_path)
     evals = [r for r in log if r.get("event") == "eval"]
     steps = [r for r in log if "loss" in r]
-    assert evals[0]["val_loss"] == pytest.approx(
-        math.log(VOCAB), abs=0.3
-    )  # small init: near uniform
+    # small init: near uniform
+    assert evals[0]["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.3)
     assert evals[-1]["val_loss"] < 0.75 * math.log(VOCAB)
     assert steps[-1]["loss"] < 0.75 * math.log(VOCAB)
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
@@ -183,9 +182,8 @@ def test_a_run_folder_in_use_is_refused(data_dir, tmp_path, capsys):
         assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 2
     assert f"another run is using {tmp_path}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    assert (
-        train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 0
-    )  # released
+    # the lock was released
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 0
 
 
 def test_the_newest_checkpoints_are_kept_and_partial_saves_cleared(data_dir, tmp_path, monkeypatch):
@@ -529,9 +527,8 @@ def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
     differences = [abs(a - b) for a, b in zip(*curves.values())]
     assert sum(differences) / len(differences) < 0.02 and max(differences) < 0.1
     evals = {dtype: [r for r in log if r.get("event") == "eval"] for dtype, log in logs.items()}
-    assert (
-        evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0
-    )  # the run learns
+    # the run learns
+    assert evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0
     assert abs(evals["float32"][-1]["val_bpb"] - evals["bfloat16"][-1]["val_bpb"]) < 0.02
 
 
@@ -594,9 +591,8 @@ def test_wandb_receives_the_records(data_dir, tmp_path, monkeypatch):
 def test_tensorboard_without_the_package_is_a_one_line_error(
     data_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setitem(
-        sys.modules, "torch.utils.tensorboard", None
-    )  # import fails as if not installed
+    # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--loggers=tensorboard")) == 2
     err = capsys.readouterr().err.strip()
     assert (
