@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError, TrainConfig
+from tokenizer import UserError
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU from NVIDIA's datasheets, matched on the exact
 # variant: an H100 PCIe scored against the SXM part's 989 TFLOP/s would read 30% low.
@@ -43,7 +44,7 @@ def peak_bf16_flops(device_name: str) -> float | None:
     )
 
 
-class RankError(ConfigError):
+class RankError(UserError):
     """A problem of one rank alone (its GPU, its view of the files): each rank reports its own."""
 
 

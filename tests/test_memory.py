@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import train
-from config import ConfigError
 from infra import memory
 from infra.configurator import load_config
-from infra.distributed import Runtime
+from infra.distributed import RankError, Runtime
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,9 +208,7 @@ def test_the_pre_run_check_uses_the_formula(small_runs, monkeypatch, capsys):
         "get_device_properties",
         lambda device: types.SimpleNamespace(total_memory=24 * memory.GiB),
     )
-    with pytest.raises(
-        ConfigError, match=r"a GPU needs 30 GiB but has 24 GiB; use --parallel=fsdp"
-    ):
+    with pytest.raises(RankError, match=r"a GPU needs 30 GiB but has 24 GiB; use --parallel=fsdp"):
         memory.check_memory_fits(cfg, Runtime(0, 0, 1, torch.device("cuda")))
 
 
