@@ -264,7 +264,7 @@ def load(path: Path, model, optimizer, check=lambda train_state: None, group=Non
             optimizer.load_state_dict(state.pop("optimizer"))
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(
-                f"{path} does not fit this model/optimizer: {str(error).splitlines()[0]}"
+                f"{path} does not fit this model/optimizer: {first_line(error)}"
             ) from None
         return state
     import torch.distributed.checkpoint as dcp
