@@ -403,9 +403,8 @@ def prepare(
 ) -> dict:
     """Tokenize the inputs into out_dir (train/val shards, tokenizer.json, meta.json); return meta.
 
-    Resumes an unfinished prepare of out_dir with the same settings; returns the meta of a
-    finished one with the same settings. part=(I, N): the I-th of N slices into
-    out_dir/part-0000I.
+    Resumes an unfinished prepare of out_dir with the same settings; returns the meta of a finished
+    one with the same settings. part=(I, N): the I-th of N slices into out_dir/part-0000I.
     """
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     given = _load_tokenizer(tokenizer_path) if tokenizer_path else None
