@@ -316,11 +316,10 @@ def loss_and_grads(model, tokens, targets, chunk_elements=None, autocast=False):
 )
 def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
     """Chunks of 7, 13 and 64 tokens (the last one short) over 2 x 24 tokens with some targets
-    ignored.
-    Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale (a few
-    ulp);
-    a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16 autocast the
-    gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's 4e-3."""
+    ignored. Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale
+    (a few ulp); a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16
+    autocast the gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's
+    4e-3."""
     config = ModelConfig(
         vocab_size=96,
         dim=32,
@@ -349,8 +348,8 @@ def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
 
 def test_chunked_loss_never_makes_the_whole_logits():
     """Watch every tensor that forward and backward create: in one piece the biggest (tokens x
-    vocab)
-    one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than 32."""
+    vocab) one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than
+    32."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestLogits(TorchDispatchMode):
@@ -381,7 +380,6 @@ def test_chunked_loss_never_makes_the_whole_logits():
         assert watch.rows == rows
 
 
-# ---------------------------------------------------------------- whole model
 # ---------------------------------------------------------------- whole model
 
 

@@ -98,8 +98,7 @@ def greedy_by_recompute(model, prompt_ids, n):
     return ids[len(prompt_ids) :]
 
 
-# -----------------------------------------------------------------------------
-# generation
+# ----------------------------------------------------------------------------- generation
 
 
 def test_greedy_with_kv_cache_equals_full_recompute(loaded):
@@ -238,8 +237,7 @@ def test_cuda_bf16_generation(ckpt_dir):
     assert len(out[0]) > 0
 
 
-# -----------------------------------------------------------------------------
-# streaming
+# ----------------------------------------------------------------------------- streaming
 
 
 def test_stream_decoder_never_splits_a_character(loaded):
@@ -275,8 +273,7 @@ def _is_utf8(b):
         return False
 
 
-# -----------------------------------------------------------------------------
-# command line
+# ----------------------------------------------------------------------------- command line
 
 
 def test_cli_streams_greedy_output(ckpt_dir, loaded, capsys):
@@ -400,8 +397,7 @@ def test_cli_subprocess(ckpt_dir):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
 
 
-# -----------------------------------------------------------------------------
-# padded vocabularies and tiny temperatures
+# -------------------------------------------------------- padded vocabularies and tiny temperatures
 
 
 def padded_checkpoint(ckpt_dir, folder, padding=64):
