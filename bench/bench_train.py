@@ -1,13 +1,13 @@
 """Training figures of the default config on this machine.
 
-    python bench/bench_train.py                      # throughput: median tokens/s and FLOP/s of
-    several short runs
-    python bench/bench_train.py --full               # the whole default `python train.py`: val bpb
-    against time
-    python bench/bench_train.py --against 3b7f7cd    # whole default runs of HEAD and of 3b7f7cd,
-    alternately
-    python ../shared/peers/vs_nanogpt.py             # time to nanoGPT's final val bpb, against its
-    CPU recipe
+    python bench/bench_train.py                      # throughput: median tokens/s and FLOP/s
+                                                     # of several short runs
+    python bench/bench_train.py --full               # the whole default `python train.py`: val
+                                                     # bpb against time
+    python bench/bench_train.py --against COMMIT     # whole default runs of HEAD and of COMMIT,
+                                                     # alternately
+    python ../shared/peers/vs_nanogpt.py             # time to nanoGPT's final val bpb, against
+                                                     # its CPU recipe
 
 Throughput runs are fresh `python train.py` processes, as a user would start them, on data prepared
 once beforehand. --full and --against run the whole command in a fresh clone of a commit (data
