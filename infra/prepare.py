@@ -762,7 +762,8 @@ def main(argv=None):
         "--tokenizer-memory-budget",
         type=parse_size,
         metavar="SIZE",
-        help="memory that tokenizer training may use, e.g. 512M or 8G (default 2G)",
+        help="memory that tokenizer training may use, e.g. 512M or 8G "
+        f"(default {bpe_train.DEFAULT_MEMORY_BUDGET >> 30}G)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="encoding processes (default: one per CPU)"
