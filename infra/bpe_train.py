@@ -77,12 +77,8 @@ def _count_pieces(
         else None
     )
     counts, sample, n_read = Counter(), _Sample(), 0
-    entry_bytes, entry_positions, top_pair_share, measure_at = (
-        200,
-        20,
-        1 / 16,
-        1 << 14,
-    )  # until measured
+    # per-entry sizes guessed until _dict_size measures them, at measure_at entries
+    entry_bytes, entry_positions, top_pair_share, measure_at = 200, 20, 1 / 16, 1 << 14
     reason, start = "the end of the input", time.perf_counter()
     for text in _parts(texts, pattern):
         if max_bytes is not None and n_read >= max_bytes:
