@@ -1,9 +1,9 @@
 """Memory per GPU of the 7B recipe and a 70B-class model: the formula against the traced step.
 
-    python bench/bench_memory.py            # 7B under FSDP on 1, 8 and 64 ranks, DDP on 8, without
-    checkpointing
-    python bench/bench_memory.py --70b      # also Llama-2-70B's shape under FSDP on 64 ranks (a
-    minute or two)
+    python bench/bench_memory.py            # 7B under FSDP on 1, 8 and 64 ranks, DDP on 8,
+                                            # without checkpointing
+    python bench/bench_memory.py --70b      # also Llama-2-70B's shape under FSDP on 64 ranks
+                                            # (a minute or two)
 
 Each trace runs train.py's own step (train.RECIPE) on fake tensors and a fake process group of its
 own; its time is wall clock and CPU. Memory figures are GiB per GPU, without the CUDA reserve.

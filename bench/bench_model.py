@@ -85,8 +85,7 @@ def main():
 
 def attention_alone(batch: int, config, repeats: int):
     """Causal SDPA forward + backward at the model's shape, per kernel and dtype: why
-    model.attention runs
-    in fp32 under CPU autocast."""
+    model.attention runs in fp32 under CPU autocast."""
     shape = (batch, config.n_heads, config.max_seq_len, config.head_dim)
     kernels = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
     times = {}

@@ -1,13 +1,13 @@
 """Training figures of the default config on this machine.
 
-    python bench/bench_train.py                      # throughput: median tokens/s and FLOP/s of
-    several short runs
-    python bench/bench_train.py --full               # the whole default `python train.py`: val bpb
-    against time
-    python bench/bench_train.py --against 3b7f7cd    # whole default runs of HEAD and of 3b7f7cd,
-    alternately
-    python ../shared/peers/vs_nanogpt.py             # time to nanoGPT's final val bpb, against its
-    CPU recipe
+    python bench/bench_train.py                      # throughput: median tokens/s and FLOP/s
+                                                     # of several short runs
+    python bench/bench_train.py --full               # the whole default `python train.py`: val
+                                                     # bpb against time
+    python bench/bench_train.py --against COMMIT     # whole default runs of HEAD and of COMMIT,
+                                                     # alternately
+    python ../shared/peers/vs_nanogpt.py             # time to nanoGPT's final val bpb, against
+                                                     # its CPU recipe
 
 Throughput runs are fresh `python train.py` processes, as a user would start them, on data prepared
 once beforehand. --full and --against run the whole command in a fresh clone of a commit (data
@@ -74,9 +74,8 @@ def throughput(runs: int, steps: int):
                 f"--log_interval={steps // 3}",
                 f"--eval_interval={10 * steps}",
             )
-            intervals = [r for r in log if "tokens_per_s" in r][
-                1:
-            ]  # the first interval includes warm-up
+            # the first interval includes warm-up
+            intervals = [r for r in log if "tokens_per_s" in r][1:]
             rates.append(statistics.median(r["tokens_per_s"] for r in intervals))
             flops.append(statistics.median(r["flops_per_s"] for r in intervals))
         dtype = next(r["dtype"] for r in log if r.get("event") == "start")

@@ -123,9 +123,8 @@ class Checker:
         self.corpus = work / "corpus.txt"
         self.corpus.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text())
         self.tokenizer = make_tokenizer(work, self.corpus)
-        self.env = (
-            os.environ if cuda else {**os.environ, "OMP_NUM_THREADS": "1"}
-        )  # two ranks share the cores
+        # two ranks share the cores
+        self.env = os.environ if cuda else {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(self, name: str, overrides: list[str], nproc: int = 0, data: str = "data") -> list:
         """The `train.py` command of a check (under torchrun with `nproc` ranks), on the corpus
@@ -235,14 +234,12 @@ def wide_check(checker: Checker, layers: int, steps: int):
     )
     with checker.check(name) as figures:
         log = checker.train("wide", overrides, checker.ranks, data="data-wide")
-        records = [r for r in log if "tokens_per_s" in r][
-            steps // 2 :
-        ]  # steady state: past allocation and warm-up
+        # steady state: past allocation and warm-up
+        records = [r for r in log if "tokens_per_s" in r][steps // 2 :]
         saved = next(r for r in log if r.get("event") == "checkpoint")
         folder = checker.work / "wide" / saved["path"]
-        files = (
-            [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else [folder]
-        )  # DCP: a folder
+        # DCP: a folder
+        files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else [folder]
         size = sum(f.stat().st_size for f in files)
         estimate = estimate_memory(
             load_config(str(ROOT / "config" / "7b.py"), overrides[1:]),

@@ -77,12 +77,8 @@ def _count_pieces(
         else None
     )
     counts, sample, n_read = Counter(), _Sample(), 0
-    entry_bytes, entry_positions, top_pair_share, measure_at = (
-        200,
-        20,
-        1 / 16,
-        1 << 14,
-    )  # until measured
+    # per-entry sizes guessed until _dict_size measures them, at measure_at entries
+    entry_bytes, entry_positions, top_pair_share, measure_at = 200, 20, 1 / 16, 1 << 14
     reason, start = "the end of the input", time.perf_counter()
     for text in _parts(texts, pattern):
         if max_bytes is not None and n_read >= max_bytes:
@@ -169,9 +165,8 @@ def _dict_size(counts):
         return 200, 20, 1 / 16
     keys = list(islice(counts, 4096))
     pieces = b"\xff".join(piece.encode("utf-8") for piece in keys)
-    entry = (
-        sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32
-    )  # + the count
+    # per entry: its share of the dict, its key, and 32 bytes for its count
+    entry = sys.getsizeof(counts) / len(counts) + sum(map(sys.getsizeof, keys)) / len(keys) + 32
     return entry, (len(pieces) + 1) / len(keys), _byte_pairs(pieces).max() / (len(pieces) + 1)
 
 
@@ -291,9 +286,8 @@ class _Pairs:
     def pairs_in(self, lo):
         """(left ids, right ids, positions) of the pairs that start in tok[lo:lo + _BLOCK]."""
         tok, span = self.tok, self.span
-        p = (
-            np.flatnonzero((tok[lo : lo + _BLOCK] | 1) != _SEP) + lo
-        )  # token starts: not 0xFE or 0xFF
+        # token starts: not 0xFE or 0xFF
+        p = np.flatnonzero((tok[lo : lo + _BLOCK] | 1) != _SEP) + lo
         right = tok[p + span[p]]
         p = p[right != _SEP]
         return (
@@ -504,18 +498,16 @@ class _Pairs:
         keys = list(self.counts)
         counts = np.fromiter(self.counts.values(), np.int64, len(keys))
         sizes = np.fromiter(map(len, self.where.values()), np.int64, len(keys))
-        self.largest = (
-            int(sizes.max(initial=0)) // np.dtype(self.positions).itemsize
-        )  # merges get smaller
+        # merges get smaller
+        self.largest = int(sizes.max(initial=0)) // np.dtype(self.positions).itemsize
         self.heap = []  # rebuilt below: one entry per pair
         sizes += _BYTES_PER_PAIR + _BYTES_PER_HEAP_ENTRY
         rest = self.memory() - self.where_bytes - len(keys) * _BYTES_PER_PAIR
         if rest + sizes.sum() > self.budget and rest < self.budget:  # else pruning does not help
             order = np.argsort(counts, kind="stable")
             kept = np.cumsum(sizes[order][::-1])[::-1]  # kept[i]: the memory of the pairs order[i:]
-            i = int(
-                np.searchsorted(-kept, -(self.budget - rest) // 2)
-            )  # the first i with kept[i] <= room / 2
+            # the first i with kept[i] <= room / 2
+            i = int(np.searchsorted(-kept, -(self.budget - rest) // 2))
             threshold = min(int(counts[order[i]]) if i < len(keys) else ceiling, ceiling // 2)
             if threshold > self.threshold:
                 for key in compress(keys, (counts < threshold).tolist()):

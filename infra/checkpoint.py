@@ -152,8 +152,7 @@ def atomic_save(obj, path: Path):
 
 def remove_partial(out_dir):
     """Delete what an interrupted save left behind (a SIGKILL skips every cleanup). Only the run
-    that
-    owns out_dir may call this, or it would delete another run's save in progress."""
+    that owns out_dir may call this, or it would delete another run's save in progress."""
     for path in Path(out_dir).glob("ckpt-*.tmp"):  # ckpt-N.tmp/ folders and ckpt-N.pt.tmp files
         delete(path)
 
@@ -200,10 +199,9 @@ def save(
 ) -> Path:
     """Write model, optimizer and train_state (step, config, RNG) as the checkpoint of `step`, then
     delete the oldest of its kind beyond the newest `keep`, except `keep_also` (the best one).
-    Called on every rank; `group` is the process
-    group to wait on (a gloo group with a long timeout: deleting an old 7B checkpoint takes a
-    while).
-    train_state must hold only tensors and plain Python values.
+    Called on every rank; `group` is the process group to wait on (a gloo group with a long timeout:
+    deleting an old 7B checkpoint takes a while). train_state must hold only tensors and plain
+    Python values.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = path_for(out_dir, step, sharded)
@@ -266,7 +264,7 @@ def load(path: Path, model, optimizer, check=lambda train_state: None, group=Non
             optimizer.load_state_dict(state.pop("optimizer"))
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(
-                f"{path} does not fit this model/optimizer: {str(error).splitlines()[0]}"
+                f"{path} does not fit this model/optimizer: {first_line(error)}"
             ) from None
         return state
     import torch.distributed.checkpoint as dcp

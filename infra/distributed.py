@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError, TrainConfig
+from tokenizer import UserError
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU from NVIDIA's datasheets, matched on the exact
 # variant: an H100 PCIe scored against the SXM part's 989 TFLOP/s would read 30% low.
@@ -31,8 +32,8 @@ PEAK_BF16_FLOPS = [
     (r"\bA10\b", 125e12),
 ]
 # Host-side agreement (the data is ready, a rank was signalled) waits on a gloo group with this
-# timeout,
-# not on NCCL's 10 minutes: rank 0 may spend hours preparing a corpus while the others wait.
+# timeout, not on NCCL's 10 minutes: rank 0 may spend hours preparing a corpus while the others
+# wait.
 HOST_WAIT = datetime.timedelta(hours=24)
 
 
@@ -43,7 +44,7 @@ def peak_bf16_flops(device_name: str) -> float | None:
     )
 
 
-class RankError(ConfigError):
+class RankError(UserError):
     """A problem of one rank alone (its GPU, its view of the files): each rank reports its own."""
 
 
@@ -69,11 +70,9 @@ class Runtime:
     @functools.cached_property
     def mesh(self):
         """The device mesh FSDP shards over, of the run's own device type: left to itself FSDP picks
-        the
-        machine's accelerator, and would move a --device=cpu model onto a GPU that the gloo group
-        cannot
-        talk to. Built once, outside any fake-tensor tracing (memory.py): it reads the rank
-        layout."""
+        the machine's accelerator, and would move a --device=cpu model onto a GPU that the gloo
+        group cannot talk to. Built once, outside any fake-tensor tracing (memory.py): it reads the
+        rank layout."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(self.device.type, (self.world_size,))
@@ -152,8 +151,7 @@ def check_gloo_address(world_size: int):
 
 def shard_model(model, rt: Runtime, dtype: torch.dtype):
     """FSDP2 as torchtitan applies it: `fully_shard` each block (one all-gather per block,
-    overlapped
-    with the previous block's compute), then the root (embedding, final norm, head)."""
+    overlapped with the previous block's compute), then the root (embedding, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Blocks receive the hidden state (already bf16) and the fp32 RoPE tables: casting the inputs
@@ -236,10 +234,9 @@ def device_memory(device: torch.device) -> int:
 def native_bf16_cpu() -> str | None:
     """The x86 feature that gives this CPU native bf16 matrix multiplies, or None.
 
-    With AMX tiles or AVX512-BF16 dot products oneDNN multiplies bf16 matrices about twice as fast
-    as
-    fp32 or more (bench/bench_model.py); without them it emulates bf16, slower than fp32. Other CPUs
-    (Arm included) are not measured here, so dtype=auto keeps them in fp32.
+    With AMX tiles or AVX512-BF16 dot products oneDNN multiplies bf16 matrices faster than fp32
+    (bench/bench_model.py measures by how much); without them it emulates bf16, slower than fp32.
+    Other CPUs (Arm included) are not measured here, so dtype=auto keeps them in fp32.
     """
     if not torch.backends.mkldnn.is_available():
         return None
@@ -275,8 +272,8 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, 
 
 def check_shared_files(rt: Runtime, path: Path, what: str):
     """Every rank must see the files rank 0 writes (prepared data, checkpoints): on several nodes
-    that
-    takes a shared filesystem. A rank that cannot see rank 0's newest file stops with one line."""
+    that takes a shared filesystem. A rank that cannot see rank 0's newest file stops with one
+    line."""
     expected = rt.broadcast(path.read_text() if rt.is_main else None)
     try:
         seen = path.read_text()

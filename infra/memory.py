@@ -28,9 +28,8 @@ from infra.distributed import autocast as distributed_autocast
 from model import LOSS_CHUNK_ELEMENTS, Transformer
 
 GiB = 2**30
-CUDA_RESERVE = (
-    2 * GiB
-)  # the CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced
+# The CUDA context (~0.5 GiB), cuBLAS workspaces and NCCL's buffers: never traced.
+CUDA_RESERVE = 2 * GiB
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -42,11 +41,10 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
 
     Persistent: fp32 weights and gradients (FSDP reduce-scatters every micro-step, so both stay
     sharded) and two fp32 AdamW moments, 16 bytes per parameter, divided by the world size under
-    FSDP.
-    FSDP keeps the root group (embedding, head, final norm) gathered in bf16 all step, and one block
-    gathered while it computes. DDP adds its fp32 gradient buckets when accumulating (the non-final
-    micro-steps accumulate into gradients of their own; with one micro-step the gradients are views
-    of the buckets).
+    FSDP. FSDP keeps the root group (embedding, head, final norm) gathered in bf16 all step, and one
+    block gathered while it computes. DDP adds its fp32 gradient buckets when accumulating (the
+    non-final micro-steps accumulate into gradients of their own; with one micro-step the gradients
+    are views of the buckets).
 
     Activations, per token of a micro-batch: with checkpointing each block keeps only its input (the
     residual stream: bf16 under FSDP's policy, fp32 under autocast); without, a block keeps
@@ -55,13 +53,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     larger of two moments. In a block's backward: one block recomputed plus two ffn-wide gradients,
     the logits the step holds (e vocab), and under FSDP the next block's all-gather and this one's
     fp32 reduce-scatter buffer. In the loss's backward: the bf16 logits, the fp32 log-softmax
-    output,
-    its gradient and its input's gradient ((e + 12) vocab); autocast also still holds its bf16 copy
-    of every weight (2 bytes per parameter), cached until the forward ends. A micro-batch of more
-    tokens than one loss chunk (model.chunked_cross_entropy) keeps no logits through the step, and
-    its
-    loss's backward holds one chunk's, plus a second copy of the head's gradient while it
-    accumulates.
+    output, its gradient and its input's gradient ((e + 12) vocab); autocast also still holds its
+    bf16 copy of every weight (2 bytes per parameter), cached until the forward ends. A micro-batch
+    of more tokens than one loss chunk (model.chunked_cross_entropy) keeps no logits through the
+    step, and its loss's backward holds one chunk's, plus a second copy of the head's gradient while
+    it accumulates.
 
     With init_from, FSDP allocates only each rank's shards and reads them from the files: no full
     model.
@@ -72,9 +68,8 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     plan = plan_batch(cfg, world_size)
     tokens = plan.micro_batch_size * m.max_seq_len
     sharded, autocast = cfg.parallel == "fsdp", cfg.parallel != "fsdp" and cfg.dtype != "float32"
-    e = (
-        4 if cfg.dtype == "float32" else 2
-    )  # bytes of the compute dtype on a GPU ("auto" is bf16 there)
+    # Bytes of the compute dtype on a GPU ("auto" is bf16 there).
+    e = 4 if cfg.dtype == "float32" else 2
     stream = e if sharded else 4
     ffn, kv_dim = m.hidden_dim, m.kv_heads * m.head_dim
     block = sum(p.numel() for p in model.layers[0].parameters())
@@ -155,9 +150,9 @@ def _sizes(snapshot: dict) -> dict:
 
 def _peak_tracker(tracker_class):
     """`tracker_class` (FSDPMemTracker or MemTracker) keeping only the run's peak. The trackers also
-    keep
-    a peak per module, updated on every operation for every module seen: at 7B that bookkeeping, and
-    tracking the device queries that allocate nothing, took a third of the trace's time."""
+    keep a peak per module, updated on every operation for every module seen, and track device
+    queries that allocate nothing: at 7B both are a large part of the trace's time, and the memory
+    report needs neither."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
     class PeakTracker(tracker_class):
@@ -177,8 +172,8 @@ def _peak_tracker(tracker_class):
 
 def _allreduce_in_place(state, bucket):
     """DDP's all-reduce of a gradient bucket as the fake group does it: in place, at once. (DDP's
-    own
-    hook hands on the future of the group's all-reduce, whose value the fake group leaves empty.)"""
+    own hook hands on the future of the group's all-reduce, whose value the fake group leaves
+    empty.)"""
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
@@ -257,8 +252,7 @@ def traced_steps(cfg: TrainConfig, rt, recipe: Recipe, micro_steps: int = 2) -> 
 
 class _HostReadsSeeZero(torch.utils._python_dispatch.TorchDispatchMode):
     """A fake tensor has no values, so reading one on the host (.item(), .tolist()) reads 0: the
-    stop
-    vote is "no", the loss and gradient norm are finite, and the step applies its update."""
+    stop vote is "no", the loss and gradient norm are finite, and the step applies its update."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import DataDependentOutputException
@@ -274,8 +268,7 @@ class _HostReadsSeeZero(torch.utils._python_dispatch.TorchDispatchMode):
 @contextlib.contextmanager
 def _fake_tensors():
     """FakeTensorMode, with three adjustments that make torch 2.13 do under fake tensors what it
-    does on
-    real ones, and host reads of fake values answered (see _HostReadsSeeZero)."""
+    does on real ones, and host reads of fake values answered (see _HostReadsSeeZero)."""
     import torch.distributed.tensor._sharding_prop as sharding_prop
     import torch.nn.parallel.distributed as ddp_module
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -284,13 +277,11 @@ def _fake_tensors():
     fake_mode = FakeTensorMode()
     # Fake mode remembers some new tensors by a weak reference, and a tensor with one cannot be
     # swapped, which is how to_empty() replaces a fake parameter: the memo only serves converting
-    # the
-    # same real tensor twice, which a fresh output never needs.
+    # the same real tensor twice, which a fresh output never needs.
     fake_mode.fake_tensor_converter.set_tensor_memo = lambda tensor, fake: None
     # DTensor works out global output shapes in a fake mode of its own, which in a real run the
-    # trackers
-    # never see; here it would reuse ours, and clipping's norm over every gradient would count each
-    # gradient at its global size (25 GiB for 7B).
+    # trackers never see; here it would reuse ours, and clipping's norm over every gradient would
+    # count each gradient at its global size (25 GiB for 7B).
     sharding_prop.detect_fake_mode = lambda *args: None
     # DDP compares parameter shapes across ranks by reading their bytes; fake ranks have none to
     # compare.
@@ -325,8 +316,7 @@ def trace_memory(cfg: TrainConfig, world_size: int, recipe: Recipe, micro_steps:
     return {**result, "seconds": time.time() - start}
 
 
-# ----------------------------------------------------------------------------- reports and the
-# check
+# --------------------------------------------------------------------------- reports and the check
 
 
 def memory_needed(cfg: TrainConfig, world_size: int) -> int:

@@ -416,9 +416,9 @@ def prepare(
 ) -> dict:
     """Tokenize the inputs into out_dir (train/val shards, tokenizer.json, meta.json); return meta.
 
-    Resumes an unfinished prepare of out_dir with the same settings; returns the meta of a
-    finished one with the same settings. part=(I, N): the I-th of N slices into
-    out_dir/part-0000I. A tokenizer trained here splits text with `pattern`.
+    Resumes an unfinished prepare of out_dir with the same settings; returns the meta of a finished
+    one with the same settings. part=(I, N): the I-th of N slices into out_dir/part-0000I. A
+    tokenizer trained here splits text with `pattern`.
     """
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     given = _load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -793,7 +793,8 @@ def main(argv=None):
         "--tokenizer-memory-budget",
         type=parse_size,
         metavar="SIZE",
-        help="memory that tokenizer training may use, e.g. 512M or 8G (default 2G)",
+        help="memory that tokenizer training may use, e.g. 512M or 8G "
+        f"(default {bpe_train.DEFAULT_MEMORY_BUDGET >> 30}G)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="encoding processes (default: one per CPU)"

@@ -9,7 +9,12 @@ import time
 from pathlib import Path
 
 from config import TrainConfig
-from infra.bpe_train import MIN_MEMORY_BUDGET, check_memory_budget, train_tokenizer
+from infra.bpe_train import (
+    DEFAULT_MEMORY_BUDGET,
+    MIN_MEMORY_BUDGET,
+    check_memory_budget,
+    train_tokenizer,
+)
 from infra.fast_encode import accelerate
 from infra.files import error_line
 from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer, UserError
@@ -67,9 +72,9 @@ def main(argv=None) -> int:
         type=parse_size,
         default=None,
         metavar="SIZE",
-        help=f"memory that training may use, e.g. 512M or 8G (default 2G, at least "
-        f"{MIN_MEMORY_BUDGET >> 20}M): reading stops when the sample read would "
-        f"need all of it",
+        help=f"memory that training may use, e.g. 512M or 8G (default "
+        f"{DEFAULT_MEMORY_BUDGET >> 30}G, at least {MIN_MEMORY_BUDGET >> 20}M): reading stops "
+        "when the sample read would need all of it",
     )
     p.add_argument(
         "--text-field",

@@ -32,11 +32,8 @@ LLAMA3_SPLIT_PATTERN = (
 # "<0xAB>" byte tokens.
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-_DOCUMENT_ENDS = (
-    "<|end_of_text|>",
-    "</s>",
-    EOT,
-)  # the end-of-document token, where a tokenizer has one of these
+# the end-of-document token, where a tokenizer has one of these
+_DOCUMENT_ENDS = ("<|end_of_text|>", "</s>", EOT)
 _LLAMA3_RANKS = 128_000
 # Llama 3.1's special tokens (ids 128000-128255; Llama 3.0 names a few reserved ones differently)
 _LLAMA3_SPECIALS = [

@@ -26,8 +26,7 @@ import train  # noqa: E402
 
 def stop_at(step: int, set_attribute=setattr):
     """Make every run behave as if SIGTERM arrived once `step` steps were done, so that the
-    checkpoint it
-    leaves is of step `step` (pass monkeypatch.setattr to undo it)."""
+    checkpoint it leaves is of step `step` (pass monkeypatch.setattr to undo it)."""
     original = train.learning_rate
 
     def learning_rate(cfg, at_step):  # called once per step, before it

@@ -201,9 +201,8 @@ def test_documents_are_cut_only_where_the_tokenizer_allows(tmp_path, monkeypatch
     for piece in pieces:
         cuts = [0] + [m.start() for m in SAFE_CUT.finditer(piece.text)] + [len(piece.text)]
         assert len(piece.text) <= 3000 + 2 * 4096 + max(b - a for a, b in zip(cuts, cuts[1:]))
-    assert (
-        max(len(p.text) for p in pieces) > 3000 + 2 * 4096
-    )  # a stretch without a cut point, held whole
+    # a stretch without a cut point, held whole
+    assert max(len(p.text) for p in pieces) > 3000 + 2 * 4096
     assert any(p.resume and not p.ends for p in pieces)  # resumable inside a document
     for k, piece in enumerate(pieces):
         if piece.resume:
@@ -504,9 +503,8 @@ def test_the_sample_is_spread_over_files_in_proportion_in_every_prefix(tmp_path)
     sample = list(sample_texts(sources, share))
     lines = [line for text in sample for line in text.splitlines()]
     assert not any(text in val for text in sample)  # the tokenizer trains on the train split only
-    assert sorted(lines) == sorted(
-        line for text in train for line in text.splitlines()
-    )  # all of it, once
+    # all of it, once
+    assert sorted(lines) == sorted(line for text in train for line in text.splitlines())
     sizes = {"A": 0, "B": 0, "C": 0}
     for text in train:
         sizes[text[0]] += len(text)
@@ -534,9 +532,8 @@ def test_the_sample_of_a_plain_file_is_spread_over_it(tmp_path, monkeypatch):
 
 def test_progress_counts_bytes_on_disk(tmp_path):
     docs = ["中文的文本" * 50 for _ in range(100)]
-    (tmp_path / "escaped.jsonl").write_text(
-        "".join(json.dumps({"text": d}) + "\n" for d in docs)
-    )  # \\uXXXX
+    # json.dumps writes the Chinese text as \\uXXXX escapes, 6 bytes a character
+    (tmp_path / "escaped.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (tmp_path / "z.txt.gz").write_bytes(gzip.compress(("text " * 20_000).encode()))
     pieces = pieces_of(tmp_path)
     raw = (tmp_path / "escaped.jsonl").stat().st_size

@@ -198,9 +198,8 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
         tokenizer_path=str(tokenizer_file),
         verbose=False,
     )
-    assert meta == read_meta(
-        tmp_path / "mount"
-    )  # already prepared with these settings: nothing to do
+    # already prepared with these settings: nothing to do
+    assert meta == read_meta(tmp_path / "mount")
     with pytest.raises(
         DataError, match="mount was prepared with val_fraction=0.1, not 0.3; delete"
     ):
@@ -461,9 +460,8 @@ def test_check_prepared_names_the_setting_that_differs(tmp_path, tokenizer_file,
     ]:
         with pytest.raises(DataError, match=message):
             check_prepared(out, **{**same, **change})
-    reindented = (
-        tmp_path / "reindented.json"
-    )  # the folder's own tokenizer, saved differently: the same content
+    # the folder's own tokenizer, saved differently: the same content
+    reindented = tmp_path / "reindented.json"
     reindented.write_text(json.dumps(json.loads((out / "tokenizer.json").read_text()), indent=4))
     check_prepared(out, **{**same, "tokenizer_path": str(reindented)})
 
@@ -626,18 +624,16 @@ def test_clear_errors(tmp_path, tokenizer_file, capsys):
 def test_bits_per_byte_by_hand():
     # 10 tokens at ln(4) nats each, encoding 8 bytes: 10 * 2 bits / 8 bytes = 2.5 bits per byte
     assert bits_per_byte(10 * math.log(4), 8) == pytest.approx(2.5)
-    tok = Tokenizer.train(
-        "ab ab ab abc abc", 259
-    )  # merges: (a, b) -> 256, then one more; EOT is 258
+    # merges: (a, b) -> 256, then one more; EOT is 258
+    tok = Tokenizer.train("ab ab ab abc abc", 259)
     lengths = token_byte_lengths(tok, 300)
     assert (
         lengths[ord("a")] == 1
         and lengths[256] == 2
         and lengths[257] == len(tok.decode_bytes([257]))
     )
-    assert (
-        lengths[tok.eos_id] == 0 and lengths[299] == 0
-    )  # special and unused ids stand for no text
+    # special and unused ids stand for no text
+    assert lengths[tok.eos_id] == 0 and lengths[299] == 0
 
 
 def test_token_byte_lengths_skip_the_gaps_of_an_imported_vocabulary():

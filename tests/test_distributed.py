@@ -79,8 +79,7 @@ def torchrun(nproc):
 
 def run(workdir, out, *extra, nproc=0, stop_at=0, **conditions):
     """Train with `nproc` torchrun ranks (0: plain python) and return the output folder;
-    `conditions`
-    are the environment settings of tests/run_train.py (SLOW_PREPARE_S=..., ...)."""
+    `conditions` are the environment settings of tests/run_train.py (SLOW_PREPARE_S=..., ...)."""
     env = {**ENV, "STOP_AT_STEP": str(stop_at), **{k: str(v) for k, v in conditions.items()}}
     result = subprocess.run(
         [*(torchrun(nproc) if nproc else [sys.executable]), ENTRY, *args(workdir, out, *extra)],
@@ -141,8 +140,7 @@ def test_ddp_gradient_accumulation_equals_one_large_batch(workdir):
 
 def test_fsdp_two_ranks_equal_one_process_and_consolidate(workdir, single):
     """With activation checkpointing on: recomputing each block in backward must change nothing. Run
-    as
-    on a GPU machine with --device=cpu: FSDP must shard on the run's device, not on the
+    as on a GPU machine with --device=cpu: FSDP must shard on the run's device, not on the
     accelerator."""
     fsdp = run(
         workdir,
@@ -205,10 +203,9 @@ SIGNALS = {
 
 @pytest.mark.parametrize("name", SIGNALS)
 def test_a_signal_to_torchrun_mid_step_saves_the_last_completed_step(workdir, single, name):
-    """torchrun sends SIGKILL after its shutdown timeout (here 5 s). A step of 8 micro-steps of 1.5
-    s
-    takes 12 s, so waiting for the step's end would be killed: the ranks must agree to stop between
-    micro-steps and save the last completed step."""
+    """torchrun sends SIGKILL after its shutdown timeout (here 5 s). A step of 8 micro-steps of
+    1.5 s takes 12 s, so waiting for the step's end would be killed: the ranks must agree to stop
+    between micro-steps and save the last completed step."""
     out = workdir / f"signal_{name}"
     command = [
         *torchrun(2),
@@ -238,8 +235,8 @@ def test_a_signal_to_torchrun_mid_step_saves_the_last_completed_step(workdir, si
 
 def test_rank0_prepares_while_the_others_wait_past_the_collective_timeout(workdir):
     """The ranks wait for rank 0's data preparation on a gloo group of their own: the default
-    group's
-    timeout (NCCL's is 10 minutes; 3 s here) must not end the job while a big corpus is prepared."""
+    group's timeout (NCCL's is 10 minutes; 3 s here) must not end the job while a big corpus is
+    prepared."""
     out = run(
         workdir,
         "slow_prepare",
@@ -258,8 +255,8 @@ def test_rank0_prepares_while_the_others_wait_past_the_collective_timeout(workdi
 
 def test_a_rank_that_cannot_see_rank0s_files_says_so(workdir):
     """Rank 1 in another folder stands for a node without the shared filesystem: relative folders
-    then
-    point elsewhere, and rank 1 must say what the run needs instead of failing on a missing file."""
+    then point elsewhere, and rank 1 must say what the run needs instead of failing on a missing
+    file."""
     command = [
         *torchrun(2),
         ENTRY,
@@ -285,8 +282,7 @@ def test_a_rank_that_cannot_see_rank0s_files_says_so(workdir):
 
 def test_fsdp_blocks_rotate_in_fp32_as_ddp_does(tmp_path):
     """FSDP's bf16 policy must not round the fp32 RoPE tables the blocks receive (DDP's autocast
-    rotates in
-    fp32); the hidden state itself arrives in bf16."""
+    rotates in fp32); the hidden state itself arrives in bf16."""
     script = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
@@ -320,11 +316,9 @@ dist.destroy_process_group()
 
 def test_torchrun_with_the_default_config_and_a_config_error_reported_once(workdir, tmp_path):
     """The first commands a user tries: `torchrun --nproc_per_node=2 train.py` with the default
-    config
-    (the micro-batch adapts: 32 sequences of the 4096-token batch split over 2 ranks), run from
-    another
-    folder (the bundled corpus is found next to train.py), and a typo reported once, not once per
-    rank."""
+    config (the micro-batch adapts: 32 sequences of the 4096-token batch split over 2 ranks), run
+    from another folder (the bundled corpus is found next to train.py), and a typo reported once,
+    not once per rank."""
     command = [
         *torchrun(2),
         str(ROOT / "train.py"),

@@ -437,9 +437,8 @@ def test_bad_weight_files_are_one_line_errors(folders, tmp_path):
     assert "model-00002-of" in error(folder) and "is missing" in error(folder)
     folder = copy_of(folders, tmp_path / "c", layout="bin")
     state = torch.load(folder / "pytorch_model.bin", weights_only=True)
-    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
-        8
-    )  # as old Llama 2 files have: ignored
+    # as old Llama 2 files have: ignored
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     torch.save(state, folder / "pytorch_model.bin")
     hf.load_model(folder)
     state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)

@@ -13,17 +13,15 @@ import pytest
 import torch
 
 import train
-from config import ConfigError
 from infra import memory
 from infra.configurator import load_config
-from infra.distributed import Runtime
+from infra.distributed import RankError, Runtime
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Every matrix's first dimension is even, so FSDP's shards over 2 ranks need no padding: a rank
-# holds
-# exactly half of every parameter.
+# holds exactly half of every parameter.
 SMALL = [
     "--model.vocab_size=384",
     "--model.dim=64",
@@ -83,10 +81,8 @@ def small_runs(tmp_path_factory):
 
 def test_the_traced_step_holds_what_a_real_two_rank_run_holds(small_runs):
     """Every category at the peak is the same on fake tensors and fake ranks as on real ones, and
-    the
-    sharded weights, gradients and AdamW moments are exactly half of the model's (a scalar step
-    count
-    per parameter tensor besides)."""
+    the sharded weights, gradients and AdamW moments are exactly half of the model's (a scalar step
+    count per parameter tensor besides)."""
     cfg, real, fake = small_runs
     model = Transformer(cfg.model)
     n_params, n_tensors = model.num_params(), len(list(model.parameters()))
@@ -101,8 +97,7 @@ def test_the_traced_step_holds_what_a_real_two_rank_run_holds(small_runs):
 def test_fsdp_holds_sharded_gradients_between_micro_steps(small_runs):
     """After a non-final micro-step a rank holds its shard of the fp32 gradient,
     4 x n_params / 2 bytes; skipping the reduce-scatter (set_requires_gradient_sync(False)) would
-    hold
-    the whole unsharded gradient, 4 x n_params, as the tracker's Temp."""
+    hold the whole unsharded gradient, 4 x n_params, as the tracker's Temp."""
     cfg, real, _ = small_runs
     n_params = Transformer(cfg.model).num_params()
     held = real["between micro-steps"]
@@ -112,13 +107,12 @@ def test_fsdp_holds_sharded_gradients_between_micro_steps(small_runs):
     )
 
 
-@pytest.mark.parametrize(
-    "micro", [2, 16, 32]
-)  # 16 and 32: what micro_batch_size=0 fits on 80 and 141 GB
+# 16 and 32: what micro_batch_size=0 fits on 80 and 141 GB
+@pytest.mark.parametrize("micro", [2, 16, 32])
 def test_the_7b_trace_on_8_ranks_agrees_with_the_formula(micro):
     """config/7b.py's shapes at 2 of its 32 layers (the whole depth is in bench/bench_memory.py),
-    FSDP2 on 8
-    fake ranks, through the command line: the traced peaks and the formula agree within 3%."""
+    FSDP2 on 8 fake ranks, through the command line: the traced peaks and the formula agree within
+    3%."""
     result = subprocess.run(
         [
             sys.executable,
@@ -177,9 +171,8 @@ def test_memory_estimate_scales_with_parallel_mode():
     ddp8 = memory.estimate_memory(
         load_config("config/7b.py", ["--micro_batch_size=2", "--parallel=ddp"]), 8
     )
-    assert (
-        ddp8["weights (fp32)"] == 4 * 6_738_415_616 and ddp8["total"] > 20 * 6_738_415_616
-    )  # why 7B needs sharding
+    # why 7B needs sharding
+    assert ddp8["weights (fp32)"] == 4 * 6_738_415_616 and ddp8["total"] > 20 * 6_738_415_616
 
     def activations(estimate):
         return next(size for name, size in estimate.items() if name.startswith("activations"))
@@ -211,9 +204,7 @@ def test_the_pre_run_check_uses_the_formula(small_runs, monkeypatch, capsys):
         "get_device_properties",
         lambda device: types.SimpleNamespace(total_memory=24 * memory.GiB),
     )
-    with pytest.raises(
-        ConfigError, match=r"a GPU needs 30 GiB but has 24 GiB; use --parallel=fsdp"
-    ):
+    with pytest.raises(RankError, match=r"a GPU needs 30 GiB but has 24 GiB; use --parallel=fsdp"):
         memory.check_memory_fits(cfg, Runtime(0, 0, 1, torch.device("cuda")))
 
 
@@ -240,9 +231,8 @@ def test_no_run_depends_on_the_trace(small_runs, monkeypatch, capsys):
 
 def test_the_micro_batch_fills_an_80_and_a_141_gb_gpu():
     """config/7b.py's micro_batch_size=0: the largest micro-batch that divides a rank's 128
-    sequences
-    and whose estimate fits 90% of the card; a bigger card gets a bigger one, the global batch is
-    the same."""
+    sequences and whose estimate fits 90% of the card; a bigger card gets a bigger one, the global
+    batch is the same."""
     cfg = load_config("config/7b.py")
     h100 = memory.fit_micro_batch(cfg, 8, 80 * 10**9)
     h200 = memory.fit_micro_batch(cfg, 8, 141 * 10**9)

@@ -155,9 +155,8 @@ def test_llama3_rope_scaling_matches_meta(scaling):
     assert not torch.equal(
         model.rope_cos, Transformer(ModelConfig(dim=256, n_heads=2, rope_theta=500000.0)).rope_cos
     )
-    assert (
-        ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None
-    )  # factor 1 = off
+    # factor 1 = off
+    assert ModelConfig(rope_scale_factor=1.0, rope_low_freq_factor=2.0).rope_scaling is None
 
 
 def test_rope_is_relative():
@@ -317,11 +316,10 @@ def loss_and_grads(model, tokens, targets, chunk_elements=None, autocast=False):
 )
 def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
     """Chunks of 7, 13 and 64 tokens (the last one short) over 2 x 24 tokens with some targets
-    ignored.
-    Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale (a few
-    ulp);
-    a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16 autocast the
-    gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's 4e-3."""
+    ignored. Only the order of additions differs, so in fp32 everything agrees to 1e-6 of its scale
+    (a few ulp); a wrong chunk boundary, count or scale would be off by 1e-2 or more. Under bf16
+    autocast the gradients pass through bf16 matmuls, so the same few-ulp reorderings show at bf16's
+    4e-3."""
     config = ModelConfig(
         vocab_size=96,
         dim=32,
@@ -350,8 +348,8 @@ def test_chunked_loss_equals_whole_batch_loss(tie, autocast, checkpointing):
 
 def test_chunked_loss_never_makes_the_whole_logits():
     """Watch every tensor that forward and backward create: in one piece the biggest (tokens x
-    vocab)
-    one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than 32."""
+    vocab) one has all 256 tokens, with chunks of 32 tokens (recomputed in backward) never more than
+    32."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestLogits(TorchDispatchMode):
@@ -366,9 +364,8 @@ def test_chunked_loss_never_makes_the_whole_logits():
                     and t.size(-1) == 512
                     and t.size(-2) != 16
                 ):
-                    self.rows = max(
-                        self.rows, t.numel() // 512
-                    )  # logits-shaped, not the 512 x 16 weight
+                    # logits-shaped, not the 512 x 16 weight
+                    self.rows = max(self.rows, t.numel() // 512)
             return out
 
     model = Transformer(
@@ -383,7 +380,6 @@ def test_chunked_loss_never_makes_the_whole_logits():
         assert watch.rows == rows
 
 
-# ---------------------------------------------------------------- whole model
 # ---------------------------------------------------------------- whole model
 
 
@@ -620,9 +616,8 @@ def test_init_weights_after_to_empty(tie):
     assert model.rope_cos[100, i].item() == pytest.approx(math.cos(angle), abs=1e-7)
     assert model.rope_sin[100, i].item() == pytest.approx(math.sin(angle), abs=1e-7)
     assert "rope_cos" not in model.state_dict()
-    model.to(
-        torch.bfloat16
-    )  # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    # as sample.py does on a GPU: the weights change dtype, the rotation must not
+    model.to(torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.rope_cos, fresh_cos, atol=0, rtol=0)
     torch.testing.assert_close(model.rope_sin, fresh_sin, atol=0, rtol=0)

@@ -98,8 +98,7 @@ def greedy_by_recompute(model, prompt_ids, n):
     return ids[len(prompt_ids) :]
 
 
-# -----------------------------------------------------------------------------
-# generation
+# ----------------------------------------------------------------------------- generation
 
 
 def test_greedy_with_kv_cache_equals_full_recompute(loaded):
@@ -141,13 +140,11 @@ def test_top_k_1_equals_greedy(loaded):
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
-    assert torch.allclose(
-        top_p_filter(probs, 0.8), torch.tensor([[0, 0.625, 0, 0.375]])
-    )  # 0.5 + 0.3 reaches 0.8
+    # 0.5 + 0.3 reaches 0.8
+    assert torch.allclose(top_p_filter(probs, 0.8), torch.tensor([[0, 0.625, 0, 0.375]]))
     assert (top_p_filter(probs, 0.81) > 0).tolist() == [[True, True, False, True]]
-    assert torch.allclose(
-        top_p_filter(probs, 0.1), torch.tensor([[0.0, 1, 0, 0]])
-    )  # always the top token
+    # always the top token
+    assert torch.allclose(top_p_filter(probs, 0.1), torch.tensor([[0.0, 1, 0, 0]]))
     assert torch.allclose(top_p_filter(probs, 1.0), probs)
     draws = sample_next(
         probs.log().expand(200, 4), top_p=0.8, generator=torch.Generator().manual_seed(0)
@@ -240,8 +237,7 @@ def test_cuda_bf16_generation(ckpt_dir):
     assert len(out[0]) > 0
 
 
-# -----------------------------------------------------------------------------
-# streaming
+# ----------------------------------------------------------------------------- streaming
 
 
 def test_stream_decoder_never_splits_a_character(loaded):
@@ -277,8 +273,7 @@ def _is_utf8(b):
         return False
 
 
-# -----------------------------------------------------------------------------
-# command line
+# ----------------------------------------------------------------------------- command line
 
 
 def test_cli_streams_greedy_output(ckpt_dir, loaded, capsys):
@@ -402,8 +397,7 @@ def test_cli_subprocess(ckpt_dir):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
 
 
-# -----------------------------------------------------------------------------
-# padded vocabularies and tiny temperatures
+# -------------------------------------------------------- padded vocabularies and tiny temperatures
 
 
 def padded_checkpoint(ckpt_dir, folder, padding=64):
@@ -465,9 +459,8 @@ def test_samples_keep_the_space_after_the_prompt_sentencepiece_style(
     tok.save(folder / "tokenizer.json")
     world = tok.encode_ordinary(" world", continuation=True)
     assert world[0] == 259 and tok.decode(world) == "world"
-    monkeypatch.setattr(
-        sample, "generate", lambda *args, **kwargs: [world] * args[6]
-    )  # args[6]: num_samples
+    # args[6]: num_samples
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: [world] * args[6])
     for prompt, text in (("Hello", "Hello world"), ("", "world")):
         assert main(["--ckpt", str(folder), "--prompt", prompt, "--num-samples", "2"]) == 0
         assert capsys.readouterr().out == (text + "\n" + "-" * 40 + "\n") * 2

@@ -116,8 +116,8 @@ def test_gpu_check_cuda_arguments_work_on_cpu_up_to_the_gpu_work(tmp_path):
 
 def test_attention_runs_in_fp32_under_cpu_autocast(monkeypatch):
     """PyTorch's CPU attention kernels are slower in bf16 than in fp32 (bench/bench_model.py), so
-    under CPU
-    autocast the projections run in bf16 and attention in fp32; the block's output stays in bf16."""
+    under CPU autocast the projections run in bf16 and attention in fp32; the block's output stays
+    in bf16."""
     import model
 
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention

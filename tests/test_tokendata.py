@@ -77,9 +77,8 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
     folder = str(make_data(tmp_path, [700, 300, 1000]))
     stream = TokenData(folder, "train")
     a = stream.train_starts(1, 5, 8, 32)
-    assert (
-        a.tolist() == TokenData(folder, "train").train_starts(1, 5, 8, 32).tolist()
-    )  # a resumed run
+    # a resumed run gets the same starts
+    assert a.tolist() == TokenData(folder, "train").train_starts(1, 5, 8, 32).tolist()
     assert a.tolist() != stream.train_starts(1, 6, 8, 32).tolist()
     assert a.tolist() != stream.train_starts(2, 5, 8, 32).tolist()
     assert a.min() >= 0 and a.max() + 33 <= stream.num_tokens
@@ -93,9 +92,8 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
 def test_every_window_once_per_epoch_in_a_new_order_and_ranks_disjoint(tmp_path):
     stream = TokenData(str(make_data(tmp_path, [37, 100, 5, 0, 250, 64])), "train")  # 456 tokens
     seq_len, world, accum, micro = 8, 2, 2, 3
-    count = (
-        world * accum * micro
-    )  # 12 sequences per step; 56 windows per epoch: steps straddle epochs
+    # 12 sequences per step; 56 windows per epoch: steps straddle epochs
+    count = world * accum * micro
     n, max_offset = epoch_windows(stream.num_tokens, seq_len)
     assert (n, max_offset) == (56, 7)
     steps = 3 * n // count
@@ -172,17 +170,15 @@ def test_one_batch_of_a_2T_token_run_takes_memory_of_the_batch_not_of_the_epoch(
     num_tokens, seq_len, count = 2 * 10**12, 4096, 1024  # config/7b.py: ~490M windows per epoch
     n, max_offset = epoch_windows(num_tokens, seq_len)
     assert n > 480_000_000
-    train_window_starts(
-        num_tokens, seq_len, 1337, 0, 1
-    )  # numpy's one-time allocations, outside the count
+    # numpy's one-time allocations, outside the count
+    train_window_starts(num_tokens, seq_len, 1337, 0, 1)
     for first in (123_456 * count, n - count // 2):  # mid-epoch, and a batch straddling two epochs
         tracemalloc.start()
         starts = train_window_starts(num_tokens, seq_len, 1337, first, count)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert (
-            peak < 32 * 8 * count
-        )  # ~80 bytes per window; a permutation of the epoch would be 3.9 GB
+        # ~80 bytes per window; a permutation of the epoch would be 3.9 GB
+        assert peak < 32 * 8 * count
         assert len(set(starts.tolist())) == count
         assert starts.min() >= 0 and starts.max() + seq_len + 1 <= num_tokens
 

@@ -279,14 +279,12 @@ def test_training_stays_exact_when_pairs_are_dropped_and_counted_again(zh, monke
     sample, _ = bpe_train._count_pieces(
         texts, GPT4_SPLIT_PATTERN, [], None, bpe_train.DEFAULT_MEMORY_BUDGET
     )
-    monkeypatch.setattr(
-        bpe_train, "_BYTES_PER_OCCURRENCE", 0
-    )  # so that only the pairs' memory varies
+    # so that only the pairs' memory varies
+    monkeypatch.setattr(bpe_train, "_BYTES_PER_OCCURRENCE", 0)
     pairs = bpe_train._Pairs(sample, 2000, memory_budget=1)
     pairs.index()
-    pairs.budget = (
-        pairs.memory() - pairs.where_bytes + (1 << 16)
-    )  # 64 KB for the positions of pairs
+    # 64 KB for the positions of pairs
+    pairs.budget = pairs.memory() - pairs.where_bytes + (1 << 16)
     indexed = []
     index_part = bpe_train._Pairs._index_part
     monkeypatch.setattr(
@@ -589,9 +587,8 @@ def test_the_tokenizer_benchmark_skips_the_corpora_it_cannot_find(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"skipping what needs {tmp_path / 'chinese_poetry.txt'}" in result.stdout
     assert "tinyshakespeare.txt" in result.stdout
-    assert "peps.jsonl" not in result.stdout.replace(
-        str(tmp_path / "peps.jsonl"), ""
-    )  # named only as missing
+    # named only as missing
+    assert "peps.jsonl" not in result.stdout.replace(str(tmp_path / "peps.jsonl"), "")
 
 
 # ---------------------------------------------------------------------- refusals, files by content

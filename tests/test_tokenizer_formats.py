@@ -250,9 +250,8 @@ def test_hugging_face_ids(hf_files, kind):
         if tok.space_marker is None:
             assert decoded == text
         elif "▁" not in text and (tok.prefix == "always" or not text.startswith(" ")):
-            assert (
-                decoded == text
-            )  # Hugging Face reads "▁" as a space, and can't tell " x" from "x" here
+            # Hugging Face reads "▁" as a space, and can't tell " x" from "x" here
+            assert decoded == text
 
     check()
     long_text = (ZH + CORPUS[:3000]) * 3  # mistral_first_whole: one piece, thousands of merges
@@ -392,9 +391,8 @@ def test_prepare_gives_each_document_the_ids_of_the_whole(
         folder.mkdir()
         (folder / "tokenizer.json").write_text(json.dumps(obj), encoding="utf-8")
         reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        assert (
-            reference_ids(reference, "a\n\n") != reference_ids(reference, "a\n\nb")[:-1]
-        )  # so a cut there shows
+        # so a cut there shows
+        assert reference_ids(reference, "a\n\n") != reference_ids(reference, "a\n\nb")[:-1]
     tok = load(folder)
     monkeypatch.setattr(corpus, "MAX_BLOCK", 1024)
     monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 2000)
@@ -449,9 +447,8 @@ def test_prepare_gives_each_document_the_ids_of_the_whole(
         assert ids.tolist() == expected[split], split
     rule = cut_points(tok)
     assert (rule is None) == (kind == "gpt2") and (rule == "words") == (kind == "llama3")
-    assert (
-        sum(flags) > 20 if rule else not any(flags)
-    )  # pieces encoded as continuations of their document
+    # pieces encoded as continuations of their document
+    assert sum(flags) > 20 if rule else not any(flags)
 
 
 def test_streaming_decode_equals_whole_decode(hf_files):
@@ -489,9 +486,8 @@ def test_ours_python_and_tiktoken_agree(ours):
 
 
 def test_cold_chinese_python_and_accelerated_agree(ours):
-    text = ZH * 30 + "".join(
-        chr(0x4E00 + (i * 7919) % 20000) for i in range(3000)
-    )  # pieces that rarely repeat
+    # pieces that rarely repeat
+    text = ZH * 30 + "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(3000))
     assert ours.accelerator is not None
     assert python_encoder(ours).encode_ordinary(text) == ours.encode_ordinary(text)
 
@@ -618,9 +614,8 @@ def test_version_1_files_and_fingerprints(ours, hf_files, tmp_path):
     v1_content = json.dumps(
         [ours.pattern, ours.merges, ours.special_tokens], sort_keys=True
     ).encode()
-    assert (
-        ours.fingerprint() == hashlib.sha256(v1_content).hexdigest()
-    )  # data prepared before stays valid
+    # data prepared before stays valid
+    assert ours.fingerprint() == hashlib.sha256(v1_content).hexdigest()
     fingerprints = {load(folder).fingerprint() for folder, _ in hf_files.values()}
     assert (
         len(

@@ -80,9 +80,8 @@ def test_tiny_training_learns(data_dir, tmp_path, capsys):
     log = read_log(tmp_path)
     evals = [r for r in log if r.get("event") == "eval"]
     steps = [r for r in log if "loss" in r]
-    assert evals[0]["val_loss"] == pytest.approx(
-        math.log(VOCAB), abs=0.3
-    )  # small init: near uniform
+    # small init: near uniform
+    assert evals[0]["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.3)
     assert evals[-1]["val_loss"] < 0.75 * math.log(VOCAB)
     assert steps[-1]["loss"] < 0.75 * math.log(VOCAB)
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
@@ -93,8 +92,7 @@ def test_tiny_training_learns(data_dir, tmp_path, capsys):
 
 def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     """N steps, stop, resume to N + M: the same parameters as N + M uninterrupted (dropout on). The
-    resume
-    names only the folders: every other key comes from the checkpoint, not from repeating the
+    resume names only the folders: every other key comes from the checkpoint, not from repeating the
     overrides."""
     full, parts = tmp_path / "full", tmp_path / "parts"
     args = [
@@ -154,8 +152,7 @@ def test_resume_takes_the_checkpoint_config_and_logs_deliberate_changes(data_dir
 
 def test_a_second_start_never_overwrites_a_checkpoint(data_dir, tmp_path, capsys):
     """Without --resume an existing checkpoint is an error; --resume=auto serves the first start and
-    every
-    restart alike (what a cluster scheduler needs); --overwrite starts over."""
+    every restart alike (what a cluster scheduler needs); --overwrite starts over."""
     auto = tiny_args(data_dir, tmp_path, "--max_steps=2", "--resume=auto")
     assert train.main(auto) == 0  # nothing to resume: a fresh start
     before = load_model_state(tmp_path)
@@ -183,9 +180,8 @@ def test_a_run_folder_in_use_is_refused(data_dir, tmp_path, capsys):
         assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 2
     assert f"another run is using {tmp_path}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    assert (
-        train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 0
-    )  # released
+    # the lock was released
+    assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--resume=auto")) == 0
 
 
 def test_the_newest_checkpoints_are_kept_and_partial_saves_cleared(data_dir, tmp_path, monkeypatch):
@@ -230,9 +226,9 @@ def first_step(cfg):
 
 def test_gradient_accumulation_matches_one_large_batch(data_dir, tmp_path):
     """4 micro-steps of 4 sequences give the gradient of 1 micro-step of 16: the loss is a mean over
-    the
-    same windows. Gradients are compared before the update, where only fp32 summation order differs
-    (after it, Adam's division by sqrt(v) amplifies that rounding for the tiniest gradients)."""
+    the same windows. Gradients are compared before the update, where only fp32 summation order
+    differs (after it, Adam's division by sqrt(v) amplifies that rounding for the tiniest
+    gradients)."""
     grads = {}
     for micro in (16, 4):
         cfg = load_config(
@@ -338,8 +334,8 @@ def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(data_dir, tmp_path, capsys):
     """A newest checkpoint cut short (a disk that filled) is moved aside with a warning naming it,
-    and
-    --resume and --resume=auto continue from the newest one that loads: a restart loop recovers."""
+    and --resume and --resume=auto continue from the newest one that loads: a restart loop
+    recovers."""
     args = ["--ckpt_interval=1", "--keep_checkpoints=3"]
     assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=3", *args)) == 0
     with open(tmp_path / "ckpt-000003.pt", "r+b") as f:
@@ -529,9 +525,8 @@ def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
     differences = [abs(a - b) for a, b in zip(*curves.values())]
     assert sum(differences) / len(differences) < 0.02 and max(differences) < 0.1
     evals = {dtype: [r for r in log if r.get("event") == "eval"] for dtype, log in logs.items()}
-    assert (
-        evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0
-    )  # the run learns
+    # the run learns
+    assert evals["float32"][0]["val_loss"] - evals["float32"][-1]["val_loss"] > 1.0
     assert abs(evals["float32"][-1]["val_bpb"] - evals["bfloat16"][-1]["val_bpb"]) < 0.02
 
 
@@ -546,8 +541,7 @@ def tensorboard_scalars(out_dir) -> dict:
 
 def test_tensorboard_logs_the_records_of_log_jsonl(data_dir, tmp_path):
     """The scalars are log.jsonl's numbers, step for step; after a restart from an older checkpoint
-    the
-    replayed steps replace the first version of them, as they do in log.jsonl."""
+    the replayed steps replace the first version of them, as they do in log.jsonl."""
     pytest.importorskip("tensorboard")
     args = [
         "--loggers=tensorboard",
@@ -594,9 +588,8 @@ def test_wandb_receives_the_records(data_dir, tmp_path, monkeypatch):
 def test_tensorboard_without_the_package_is_a_one_line_error(
     data_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setitem(
-        sys.modules, "torch.utils.tensorboard", None
-    )  # import fails as if not installed
+    # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     assert train.main(tiny_args(data_dir, tmp_path, "--max_steps=1", "--loggers=tensorboard")) == 2
     err = capsys.readouterr().err.strip()
     assert (
@@ -607,10 +600,8 @@ def test_tensorboard_without_the_package_is_a_one_line_error(
 
 def test_compile_is_regional(data_dir, tmp_path, monkeypatch):
     """--compile=true compiles each block on its own, in place: one graph serves every block
-    (compile time does
-    not grow with depth), parameter names are unchanged and the training steps compute the same
-    losses (here
-    with dynamo's eager backend: tracing, no code generation)."""
+    (compile time does not grow with depth), parameter names are unchanged and the training steps
+    compute the same losses (here with dynamo's eager backend: tracing, no code generation)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # forget graphs compiled earlier in this process
