@@ -261,8 +261,7 @@ def open_splits(cfg: TrainConfig) -> tuple[TokenData, TokenData]:
     return kind(cfg.data_dir, "train"), kind(cfg.data_dir, "val")
 
 
-# ----------------------------------------------------------------------------- checkpoints of the
-# run
+# ------------------------------------------------------------------------- the run's checkpoints
 
 
 class Checkpointer:

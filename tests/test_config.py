@@ -150,9 +150,8 @@ def test_overrides_are_parsed_exactly():
     for bad in ("--max_steps=ten", "--max_steps=1.5", "--max_steps=1e300"):
         with pytest.raises(ConfigError, match="expected a value of type int"):
             overridden(TrainConfig(), [bad])
-    assert (
-        overridden(TrainConfig(), ["--grad_clip=0"]).grad_clip == 0
-    )  # 0: no clipping, as in nanoGPT
+    # 0: no clipping, as in nanoGPT
+    assert overridden(TrainConfig(), ["--grad_clip=0"]).grad_clip == 0
 
 
 def test_unknown_keys_and_config_files(tmp_path, capsys):

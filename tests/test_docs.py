@@ -2,11 +2,11 @@
 
 - Every command shown (in a code block, or as an inline span that starts like a command) names a
   script that exists, and the script's own parser accepts every flag: train.py's argparse and then
-  its `--key=value` overrides, checked as config/__init__.py checks them (key, type, range), the
-  other
-  scripts' argparse parsers (run up to the moment they read their command line, not further), and
-  torchrun's own parser for the launcher's flags. Shell placeholders are substituted from
-  PLACEHOLDERS, a synopsis's brackets from SYNOPSIS; a placeholder not listed there is a failure.
+  its `--key=value` overrides, checked as infra/configurator.py checks them (key, type, range),
+  the other scripts' argparse parsers (run up to the moment they read their command line, not
+  further), and torchrun's own parser for the launcher's flags. Shell placeholders are substituted
+  from PLACEHOLDERS, a synopsis's brackets from SYNOPSIS; a placeholder not listed there is a
+  failure.
 - README.zh-CN.md shows exactly the commands and Python snippets of the English sections it
   translates (TRANSLATED), and each README links to the other.
 - Every relative link points at a file, every `file.py` `Name` / `file.py` `Class.attr` pair at a
@@ -127,10 +127,9 @@ class _Parsed(BaseException):  # not an Exception: a script's `except Exception`
 @contextlib.contextmanager
 def stop_after_parsing(parse: bool = True):
     """The outermost ArgumentParser.parse_args / parse_known_args call raises _Parsed with its
-    result
-    instead of returning it, so a script's main() stops as soon as it has read its command line
-    (parse=False: with the parser itself, before it reads anything). Nested calls, as subparsers and
-    parse_args itself make, return as usual."""
+    result instead of returning it, so a script's main() stops as soon as it has read its command
+    line (parse=False: with the parser itself, before it reads anything). Nested calls, as
+    subparsers and parse_args itself make, return as usual."""
     depth = 0
     originals = {
         name: getattr(argparse.ArgumentParser, name) for name in ("parse_args", "parse_known_args")
@@ -453,8 +452,8 @@ def test_every_file_and_name_the_readme_points_at_exists(readme):
 @pytest.mark.parametrize("readme", [README, README_ZH], ids=lambda p: p.name)
 def test_every_flag_named_in_the_text_exists(readme):
     """Flags named on their own (`--text-field`, `--grad_clip=0`): an option of one of the main
-    scripts
-    or of torchrun, or a config key (then its value, if given, is checked as an override)."""
+    scripts or of torchrun, or a config key (then its value, if given, is checked as an
+    override)."""
     from torch.distributed.run import get_args_parser
 
     options = set(get_args_parser()._option_string_actions)
