@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from infra.fast_encode import SAFE_CUT, WORD_CUT_PATTERNS, splitter
+from infra.progress import Progress, note
 from tokenizer import EOT, GPT4_SPLIT_PATTERN, Tokenizer, TokenizerError
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes that training may hold in its own structures (2 GiB)
@@ -79,7 +80,7 @@ def _count_pieces(
     counts, sample, n_read = Counter(), _Sample(), 0
     # per-entry sizes guessed until _dict_size measures them, at measure_at entries
     entry_bytes, entry_positions, top_pair_share, measure_at = 200, 20, 1 / 16, 1 << 14
-    reason, start = "the end of the input", time.perf_counter()
+    reason = "the end of the input"
     for text in _parts(texts, pattern):
         if max_bytes is not None and n_read >= max_bytes:
             reason = f"max_bytes ({max_bytes:,})"
@@ -109,13 +110,6 @@ def _count_pieces(
         if need > memory_budget:
             reason = f"the memory budget ({memory_budget / 2**20:,.0f} MiB)"
             break
-        if verbose and n_read >> 26 != (n_read - n) >> 26:  # every 64 MB
-            rate = n_read / 1e6 / (time.perf_counter() - start)
-            print(
-                f"sampling for the tokenizer: {n_read / 1e6:,.0f} MB read ({rate:.1f} MB/s), "
-                f"{need / memory_budget:.0%} of the memory budget",
-                flush=True,
-            )
     sample.add(counts, everything=True)
     return sample, (
         f"tokenizer sample: {n_read / 1e6:,.2f} MB of text read, {sample.pieces:,} pieces kept "
@@ -409,11 +403,7 @@ class _Pairs:
             # An untracked pair may be as frequent as `count`: count them all again.
             self.threshold = max(1, min(count, self.threshold // 2))
             if self.verbose:
-                print(
-                    f"counting all pairs again, tracking those seen at least {self.threshold} "
-                    f"times",
-                    flush=True,
-                )
+                note(f"counting all pairs again, tracking those seen {self.threshold}+ times")
             self.index()
 
     def drop(self, key):
@@ -514,10 +504,7 @@ class _Pairs:
                     self.drop(key)
                 self.threshold = threshold
                 if self.verbose:
-                    print(
-                        f"memory budget: tracking only the pairs seen at least {threshold} times",
-                        flush=True,
-                    )
+                    note(f"memory budget: tracking only the pairs seen at least {threshold} times")
         self.heap = [-count << _HEAP_SHIFT | key for key, count in self.counts.items()]
         heapq.heapify(self.heap)
         self.prune_above = max(self.budget, self.memory() + self.budget // 8)  # not at every merge
@@ -560,7 +547,7 @@ def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
     bytes -> id, so two ids may not share bytes."""
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
-    merges, start = [], time.perf_counter()
+    merges, progress = [], Progress("merging", n_merges, verbose=verbose, unit="merges")
     pairs.index()
     while len(merges) < n_merges:
         top = pairs.pop()
@@ -582,14 +569,7 @@ def _learn_merges(pairs: _Pairs, n_merges: int, verbose: bool) -> list:
         pairs.merge(key, len(vocab) - 1)
         if pairs.memory() > pairs.prune_above:
             pairs.prune(count)
-        if verbose and len(merges) % 1000 == 0:
-            elapsed = time.perf_counter() - start
-            print(
-                f"merge {len(merges)}/{n_merges} ({len(merges) / elapsed:.0f} merges/s, "
-                f"ETA {elapsed * (n_merges / len(merges) - 1):.0f}s) count {count}, "
-                f"memory {pairs.memory() / 2**30:.2f} GiB",
-                flush=True,
-            )
+        progress.update(len(merges), final=len(merges) == n_merges)
     return merges
 
 
@@ -666,5 +646,5 @@ def train_merges(
             "the training text is empty: pass some text (or check the input files)"
         )
     if verbose:
-        print(f"{report} ({time.perf_counter() - start:.1f}s)", flush=True)
+        note(f"{report} ({time.perf_counter() - start:.1f}s)")
     return _learn_merges(_Pairs(sample, 256 + n_merges, memory_budget, verbose), n_merges, verbose)

@@ -334,7 +334,7 @@ def test_memory_budget_bounds_training_on_an_endless_corpus(monkeypatch, capsys)
         peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:
         tracemalloc.stop()
-    assert "stopped at the memory budget (48 MiB)" in capsys.readouterr().out
+    assert "stopped at the memory budget (48 MiB)" in capsys.readouterr().err
     kept = sum(len(text.encode()) for text in read)
     assert budget / 2 < bpe_train._training_memory(kept, kept / 20) < 1.2 * budget
     assert all(traced <= estimate for traced, estimate in accounted)
@@ -505,7 +505,7 @@ def test_cli(tmp_path, capsys):
             "24M",
         ]
     )
-    assert "stopped at the memory budget (24 MiB)" in capsys.readouterr().out
+    assert "stopped at the memory budget (24 MiB)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(
             [
@@ -552,7 +552,7 @@ def test_cli_samples_every_file_of_a_folder(tmp_path, capsys):
             str(total // 3),
         ]
     )
-    assert "stopped at max_bytes" in capsys.readouterr().out
+    assert "stopped at max_bytes" in capsys.readouterr().err
     tokens = [
         token.decode("utf-8", "ignore")
         for token in Tokenizer.load(tmp_path / "t.json").mergeable_ranks
