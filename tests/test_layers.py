@@ -155,6 +155,17 @@ def test_a_planted_upward_import_or_circle_is_found(tmp_path):
     assert imports_of(planted, known, "main") == {"infra.tokenizer_cli"}
 
 
+def test_imports_are_absolute_and_main_blocks_are_thin():
+    """The graph reads absolute names: a relative import would escape it. A `__main__` block is an
+    entry point only while it is thin: an import and a call of main()."""
+    for name, path in project_modules().items():
+        tree = ast.parse(path.read_text())
+        relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+        assert relative == [], f"{name}: a relative import at line(s) {relative}"
+        block = main_block(tree)
+        assert block is None or len(block.body) <= 2, f"{name}: its __main__ block is not thin"
+
+
 def test_data_and_tokenizer_command_lines_are_entry_points_into_infra():
     graph = import_graph()
     assert graph["data:__main__"] == {"infra.prepare"}
