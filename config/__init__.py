@@ -63,9 +63,12 @@ class TrainConfig:
     global_batch_tokens: int = 4096  # per optimizer step, all ranks; sets gradient accumulation
     max_steps: int = 800
 
-    # AdamW; lr warms up linearly, then follows `schedule` (train.py SCHEDULES): cosine decays to
-    # min_lr_ratio * lr at max_steps, wsd holds lr until the last cooldown_fraction of the steps
+    # optimizer (train.py OPTIMIZERS): adamw, or muon (Muon at muon_lr for the blocks' matrices,
+    # AdamW at lr for the rest). Rates warm up linearly, then follow `schedule` (SCHEDULES): cosine
+    # decays to min_lr_ratio x at max_steps, wsd holds them until the last cooldown_fraction
+    optimizer: str = "adamw"
     lr: float = 2e-3
+    muon_lr: float = 0.02
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -121,7 +124,7 @@ RULES = {
                     (_at_least_0, "an integer >= 0")),
     # beyond this a step's list of windows alone would not fit in memory (Llama 2 used 2**22)
     "global_batch_tokens": (lambda v: 0 < v <= 2**32, "a positive integer, at most 2**32"),
-    "lr": (_positive, "a positive number"),
+    **dict.fromkeys(["lr", "muon_lr"], (_positive, "a positive number")),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "cooldown_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "ckpt_every_minutes": (_at_least_0, "a number of minutes >= 0"),
