@@ -501,6 +501,57 @@ def test_weight_decay_groups():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_muon_groups_the_blocks_matrices():
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.03)
+    matrices, rest = train.make_optimizer(cfg, model, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)].split(".")[-2] for p in matrices["params"]) == [
+        "w1", "w2", "w3", "wk", "wo", "wq", "wv"
+    ]
+    assert {names[id(p)] for p in rest["params"]} == {
+        "tok_embeddings.weight",
+        "output.weight",
+        "layers.0.attention_norm.weight",
+        "layers.0.ffn_norm.weight",
+        "norm.weight",
+    }
+    assert matrices["muon"] and matrices["lr_scale"] == pytest.approx(30) and not rest["muon"]
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_muon_orthogonalizes_with_the_gradients_singular_vectors(shape):
+    """Newton-Schulz keeps the singular vectors of the SVD and brings every singular value near 1
+    (the quintic's steep slope leaves them between about 0.7 and 1.15, by design)."""
+    from infra.muon import orthogonalize
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    rotated = u.mT @ orthogonalize(g.float()).double() @ vh.mT  # diagonal: the same vectors
+    singular_values = torch.diagonal(rotated)
+    assert (rotated - torch.diag(singular_values)).abs().max() < 1e-4
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.2
+
+
+def test_muon_trains_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ["--optimizer=muon", "--muon_lr=0.02", "--max_steps=10", "--ckpt_interval=100"]
+    assert train.main(tiny_args(data_dir, full, *args)) == 0
+    evals = [r["val_loss"] for r in read_log(full) if r.get("event") == "eval"]
+    assert evals[-1] < 0.9 * evals[0]
+    with monkeypatch.context() as patch:
+        stop_at(4, patch.setattr)
+        assert train.main(tiny_args(data_dir, parts, *args)) == 0
+    assert "momentum_buffer" in str(checkpoint.safe_load(newest(parts))["optimizer"])
+    resume = [f"--data_dir={data_dir}", f"--out_dir={parts}", "--device=cpu", "--resume"]
+    assert train.main(resume) == 0
+    expected, resumed = load_model_state(full), load_model_state(parts)
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
 def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
     """bf16 autocast on CPU (what dtype=auto picks on CPUs with native bf16 matmuls) trains like
     float32: over 40 steps the train losses agree to 0.02 nats on average (0.1 at any one step)
