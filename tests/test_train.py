@@ -523,15 +523,17 @@ def test_muon_groups_the_blocks_matrices():
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
 def test_muon_orthogonalizes_with_the_gradients_singular_vectors(shape):
-    """Newton-Schulz keeps the singular vectors of the SVD and brings every singular value near 1
-    (the quintic's steep slope leaves them between about 0.7 and 1.15, by design)."""
+    """Newton-Schulz keeps the singular vectors of the SVD (up to bf16 rounding) and brings every
+    singular value near 1 (the quintic's steep slope leaves them between about 0.7 and 1.15)."""
     from infra.muon import orthogonalize
 
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
-    rotated = u.mT @ orthogonalize(g.float()).double() @ vh.mT  # diagonal: the same vectors
-    singular_values = torch.diagonal(rotated)
-    assert (rotated - torch.diag(singular_values)).abs().max() < 1e-4
+    orthogonal = orthogonalize(g.float()).double()
+    rotated = u.mT @ orthogonal @ vh.mT  # diagonal: the same singular vectors
+    assert (rotated - torch.diag(torch.diagonal(rotated))).abs().max() < 0.05
+    assert torch.diagonal(rotated).min() > 0  # and the same signs
+    singular_values = torch.linalg.svdvals(orthogonal)
     assert singular_values.min() > 0.6 and singular_values.max() < 1.2
 
 
