@@ -56,6 +56,7 @@ def args(workdir, out, *extra):
         "--model.dropout=0.0",
         "--micro_batch_size=8",
         "--global_batch_tokens=1024",
+        "--optimizer=adamw",  # the mechanics under test; Muon has its own tests
         "--lr=3e-3",
         "--warmup_steps=2",
         "--eval_interval=3",

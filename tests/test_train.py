@@ -41,6 +41,7 @@ def tiny_args(data_dir, out_dir, *extra):
         "--model.dropout=0.1",
         "--micro_batch_size=8",
         "--global_batch_tokens=1024",
+        "--optimizer=adamw",  # the mechanics under test; Muon has its own tests
         "--lr=3e-3",
         "--warmup_steps=5",
         "--eval_interval=10",
@@ -490,7 +491,8 @@ def test_weight_decay_groups():
     from model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
-    decay, no_decay = train.make_optimizer(TrainConfig(), model, torch.device("cpu")).param_groups
+    cfg = TrainConfig(optimizer="adamw")
+    decay, no_decay = train.make_optimizer(cfg, model, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay["params"]} == {
         "tok_embeddings.weight",
