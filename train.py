@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from config import ConfigError, TrainConfig, plan_batch
 from data import TokenData, bits_per_byte, token_byte_lengths
-from infra import checkpoint, distributed, hf, memory, run
+from infra import checkpoint, distributed, hf, memory, muon, run
 from infra.files import error_line
 from infra.logs import Logger, Meter
 from model import IGNORE_INDEX, Transformer
@@ -57,10 +57,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * SCHEDULES[cfg.schedule](cfg, min(step, cfg.max_steps))
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
-    """AdamW; weight decay only on matrices of linear layers, not on norms or embeddings. Every
-    group has an lr_scale (the loop sets lr * lr_scale): the per-group rate another optimizer
-    (Muon for the matrices, say) would set."""
+def adamw(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
+    """AdamW; weight decay only on matrices of linear layers, not on norms or embeddings."""
     decay, no_decay = [], []
     embeddings = {id(model.tok_embeddings.weight)}
     for param in model.parameters():
@@ -69,6 +67,14 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
               dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
     betas, fused = (cfg.beta1, cfg.beta2), device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused)
+
+
+# name -> (cfg, model, device) -> optimizer; each param group has an lr_scale (lr x lr_scale)
+OPTIMIZERS = {"adamw": adamw, "muon": muon.muon_adamw}
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
+    return OPTIMIZERS[cfg.optimizer](cfg, model, device)
 
 
 def build_model(cfg: TrainConfig, rt, dtype: torch.dtype, sharded: bool, pretrained: bool):
@@ -326,9 +332,9 @@ def main(argv=None) -> int:
             return 0
         cfg, resume_from, changes = run.start_config(args.config, overrides, args.resume,
                                                      args.overwrite)
-        if cfg.schedule not in SCHEDULES:
-            names = ", ".join(SCHEDULES)
-            raise ConfigError(f"schedule must be one of {names}, not {cfg.schedule!r}")
+        for key, names in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+            if (value := getattr(cfg, key)) not in names:
+                raise ConfigError(f"{key} must be one of {', '.join(names)}, not {value!r}")
         rt = distributed.setup_runtime(cfg)
         if cfg.micro_batch_size == 0:
             size = memory.fit_micro_batch(cfg, world_size, distributed.device_memory(rt.device))

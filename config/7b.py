@@ -39,6 +39,7 @@ config = TrainConfig(
     micro_batch_size=0,  # the largest that fits the GPU, from the memory estimate
     global_batch_tokens=1024 * 4096,
     max_steps=500_000,  # 2T tokens, as Llama 2
+    optimizer="adamw",
     lr=3e-4,
     min_lr_ratio=0.1,
     warmup_steps=2000,

@@ -41,10 +41,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
 
     Persistent: fp32 weights and gradients (FSDP reduce-scatters every micro-step, so both stay
     sharded) and two fp32 AdamW moments, 16 bytes per parameter, divided by the world size under
-    FSDP. FSDP keeps the root group (embedding, head, final norm) gathered in bf16 all step, and one
-    block gathered while it computes. DDP adds its fp32 gradient buckets when accumulating (the
-    non-final micro-steps accumulate into gradients of their own; with one micro-step the gradients
-    are views of the buckets).
+    FSDP. With optimizer=muon the blocks' matrices keep one fp32 momentum buffer instead of the
+    two moments. FSDP keeps the root group (embedding, head, final norm) gathered in bf16 all step,
+    and one block gathered while it computes. DDP adds its fp32 gradient buckets when accumulating
+    (the non-final micro-steps accumulate into gradients of their own; with one micro-step the
+    gradients are views of the buckets).
 
     Activations, per token of a micro-batch: with checkpointing each block keeps only its input (the
     residual stream: bf16 under FSDP's policy, fp32 under autocast); without, a block keeps
@@ -100,8 +101,12 @@ def estimate_memory(cfg: TrainConfig, world_size: int) -> dict:
     estimate = {
         "weights (fp32)": 4 * n_params / shards,
         "gradients (fp32)": 4 * n_params / shards,
-        "AdamW moments (fp32)": 8 * n_params / shards,
     }
+    if cfg.optimizer == "muon":
+        matrices = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
+        estimate["Muon + AdamW state (fp32)"] = (8 * n_params - 4 * matrices) / shards
+    else:
+        estimate["AdamW moments (fp32)"] = 8 * n_params / shards
     if sharded:
         estimate[f"gathered weights ({'bf16' if e == 2 else 'fp32'})"] = e * (root + block)
     if not sharded and world_size > 1 and plan.accum_steps > 1:

@@ -55,6 +55,8 @@ BAD_VALUES = {
     "seed": "-1",
     "loggers": "stdout",
     "schedule": "linear",
+    "optimizer": "sgd",
+    "muon_lr": "0",
     "cooldown_fraction": "2",
     "ckpt_every_minutes": "-5",
     "model.vocab_size": "0",
@@ -80,6 +82,7 @@ CHECKED_AT_START = {
     "tokenizer",
     "init_from",
     "schedule",
+    "optimizer",
     "loggers",
 }  # checked when the run starts, before any work: files, folders and the names of registries
 

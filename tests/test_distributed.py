@@ -56,6 +56,7 @@ def args(workdir, out, *extra):
         "--model.dropout=0.0",
         "--micro_batch_size=8",
         "--global_batch_tokens=1024",
+        "--optimizer=adamw",  # the mechanics under test; Muon has its own tests
         "--lr=3e-3",
         "--warmup_steps=2",
         "--eval_interval=3",
@@ -190,6 +191,20 @@ def test_fsdp_resume_equals_uninterrupted_also_on_another_world_size(workdir, si
         )
         assert_same_model(workdir / out, single)
         assert losses(workdir / out) == pytest.approx(losses(single), abs=1e-4)
+
+
+def test_muon_under_fsdp_equals_one_process_and_resumes(workdir):
+    """Each rank orthogonalizes the whole gathered matrix and keeps its rows: the update of one
+    process. Its momentum buffers go through the sharded checkpoint."""
+    muon = ["--optimizer=muon", "--muon_lr=0.02"]
+    single = run(workdir, "muon_single", *muon)
+    fsdp = run(workdir, "muon_fsdp", *muon, "--parallel=fsdp", nproc=2, stop_at=3)
+    assert checkpoint.read_train_state(checkpoint.latest(fsdp, sharded=True))["step"] == 3
+    run(workdir, "muon_fsdp", *muon, "--parallel=fsdp", "--resume", nproc=2)
+    assert losses(fsdp) == pytest.approx(losses(single), abs=1e-4)
+    subprocess.run([sys.executable, "train.py", "--consolidate", str(fsdp)], cwd=ROOT, check=True,
+                   env=ENV, capture_output=True)
+    assert_same_model(fsdp, single)
 
 
 # torchrun forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers, and the signals its

@@ -473,6 +473,7 @@ def train_args(folder, corpus, data_dir, out_dir, *extra):
         "--micro_batch_size=4",
         "--global_batch_tokens=256",
         "--max_steps=2",
+        "--optimizer=adamw",
         "--lr=1e-3",
         "--warmup_steps=1",
         "--eval_interval=1",

@@ -183,6 +183,19 @@ def test_memory_estimate_scales_with_parallel_mode():
     assert activations(no_ckpt) > 5 * activations(fsdp8)
 
 
+def test_the_formula_counts_muons_state():
+    """One momentum buffer for each of the blocks' matrices, two AdamW moments for the rest."""
+    cfg = load_config(None, [*SMALL, "--parallel=ddp", "--optimizer=muon"])
+    model = Transformer(cfg.model)
+    optimizer = train.make_optimizer(cfg, model, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
+    held = sum(t.numel() * t.element_size() for t in state)
+    assert memory.estimate_memory(cfg, 1)["Muon + AdamW state (fp32)"] == held
+
+
 def test_the_pre_run_check_uses_the_formula(small_runs, monkeypatch, capsys):
     cfg, _, traced = small_runs
     estimate = memory.estimate_memory(cfg, 2)

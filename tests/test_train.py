@@ -42,6 +42,7 @@ def tiny_args(data_dir, out_dir, *extra):
         "--model.dropout=0.1",
         "--micro_batch_size=8",
         "--global_batch_tokens=1024",
+        "--optimizer=adamw",  # the mechanics under test; Muon has its own tests
         "--lr=3e-3",
         "--warmup_steps=5",
         "--eval_interval=10",
@@ -487,7 +488,8 @@ def test_weight_decay_groups():
     from model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
-    decay, no_decay = train.make_optimizer(TrainConfig(), model, torch.device("cpu")).param_groups
+    cfg = TrainConfig(optimizer="adamw")
+    decay, no_decay = train.make_optimizer(cfg, model, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay["params"]} == {
         "tok_embeddings.weight",
@@ -496,6 +498,59 @@ def test_weight_decay_groups():
         "norm.weight",
     }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_muon_groups_the_blocks_matrices():
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.03)
+    matrices, rest = train.make_optimizer(cfg, model, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)].split(".")[-2] for p in matrices["params"]) == [
+        "w1", "w2", "w3", "wk", "wo", "wq", "wv"
+    ]
+    assert {names[id(p)] for p in rest["params"]} == {
+        "tok_embeddings.weight",
+        "output.weight",
+        "layers.0.attention_norm.weight",
+        "layers.0.ffn_norm.weight",
+        "norm.weight",
+    }
+    assert matrices["muon"] and matrices["lr_scale"] == pytest.approx(30) and not rest["muon"]
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_muon_orthogonalizes_with_the_gradients_singular_vectors(shape):
+    """Newton-Schulz keeps the singular vectors of the SVD (up to bf16 rounding) and brings every
+    singular value near 1 (the quintic's steep slope leaves them between about 0.7 and 1.15)."""
+    from infra.muon import orthogonalize
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    orthogonal = orthogonalize(g.float()).double()
+    rotated = u.mT @ orthogonal @ vh.mT  # diagonal: the same singular vectors
+    assert (rotated - torch.diag(torch.diagonal(rotated))).abs().max() < 0.05
+    assert torch.diagonal(rotated).min() > 0  # and the same signs
+    singular_values = torch.linalg.svdvals(orthogonal)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.2
+
+
+def test_muon_trains_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    args = ["--optimizer=muon", "--muon_lr=0.02", "--max_steps=10", "--ckpt_interval=100"]
+    assert train.main(tiny_args(data_dir, full, *args)) == 0
+    evals = [r["val_loss"] for r in read_log(full) if r.get("event") == "eval"]
+    assert evals[-1] < 0.9 * evals[0]
+    with monkeypatch.context() as patch:
+        stop_at(4, patch.setattr)
+        assert train.main(tiny_args(data_dir, parts, *args)) == 0
+    assert "momentum_buffer" in str(checkpoint.safe_load(newest(parts))["optimizer"])
+    resume = [f"--data_dir={data_dir}", f"--out_dir={parts}", "--device=cpu", "--resume"]
+    assert train.main(resume) == 0
+    expected, resumed = load_model_state(full), load_model_state(parts)
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
 
 
 def test_bf16_autocast_tracks_float32(data_dir, tmp_path):
