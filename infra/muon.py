@@ -78,10 +78,11 @@ class Muon(torch.optim.Optimizer):
 
     def _adamw(self, p, group, state):
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        (beta1, beta2), step = group["betas"], state["step"].add_(1).item()
+        # the count on the host: no device sync, and no value read from a traced (fake) tensor
+        state["step"] = step = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])

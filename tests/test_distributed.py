@@ -202,8 +202,13 @@ def test_muon_under_fsdp_equals_one_process_and_resumes(workdir):
     assert checkpoint.read_train_state(checkpoint.latest(fsdp, sharded=True))["step"] == 3
     run(workdir, "muon_fsdp", *muon, "--parallel=fsdp", "--resume", nproc=2)
     assert losses(fsdp) == pytest.approx(losses(single), abs=1e-4)
-    subprocess.run([sys.executable, "train.py", "--consolidate", str(fsdp)], cwd=ROOT, check=True,
-                   env=ENV, capture_output=True)
+    subprocess.run(
+        [sys.executable, "train.py", "--consolidate", str(fsdp)],
+        cwd=ROOT,
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
     assert_same_model(fsdp, single)
 
 
