@@ -2,13 +2,15 @@
 generated from the bundled text, the default base model fine-tuned on it with config/sft.py, and
 exact-match accuracy on held-out questions before and after.
 
-    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600]
+    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600] [--seeds 3]
 
 Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed: who
 speaks a line (the speaker's name as the text writes it), reverse three common words, spell a
 common word letter by letter, add two numbers below 20. The held-out questions are never among
 the training ones. The base model is `--base`, trained first when it is not there: `python
-train.py` (the default model and recipe) for `--base-steps` steps.
+train.py` (the default model and recipe) for `--base-steps` steps. `--seeds N` fine-tunes it N
+times, with seeds 0 to N-1 (the order of the conversations and dropout), and prints each run and
+the median of each column.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -100,7 +103,10 @@ def main():
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
     parser.add_argument("--held-out", type=int, default=50, help="test questions per task")
     parser.add_argument("--base-steps", type=int, default=800, help="when the base is trained")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning runs, seeds 0 to N-1")
     args = parser.parse_args()
+    if args.seeds < 1 or args.steps < 1 or args.held_out < 1:
+        parser.error("--seeds, --steps and --held-out must be at least 1")
     base, out = Path(args.base), Path(args.out)
     if checkpoint.latest(base, sharded=False) is None:
         command = ["train.py", f"--out_dir={base.resolve()}", f"--max_steps={args.base_steps}"]
@@ -119,21 +125,30 @@ def main():
             f.write(json.dumps({"messages": messages}) + "\n")
     print(f"{len(train):,} training conversations, {len(test):,} held-out questions", flush=True)
 
-    before = accuracy(*base_as_chat_model(base), test)
-    began = time.time()
-    command = [sys.executable, "train.py", "config/sft.py", f"--init_from={base.resolve()}"]
-    command += [
-        f"--inputs={(out / 'train.jsonl').resolve()}",
-        f"--data_dir={(out / 'data').resolve()}",
-    ]
-    command += [f"--out_dir={(out / 'sft').resolve()}", f"--max_steps={args.steps}", "--overwrite"]
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.time() - began
-    model, tokenizer, _ = load_checkpoint(out / "sft")
-    after = accuracy(model, tokenizer, test)
-    print(f"fine-tuning: {seconds:.0f} s (data preparation included)")
+    rows = {"before": accuracy(*base_as_chat_model(base), test)}
+    for seed in range(args.seeds):
+        began = time.time()
+        command = [sys.executable, "train.py", "config/sft.py", f"--init_from={base.resolve()}"]
+        command += [
+            f"--inputs={(out / 'train.jsonl').resolve()}",
+            f"--data_dir={(out / 'data').resolve()}",
+            f"--out_dir={(out / f'sft-seed{seed}').resolve()}",
+            f"--max_steps={args.steps}",
+            f"--seed={seed}",
+            "--overwrite",
+        ]
+        subprocess.run(command, cwd=ROOT, check=True)
+        seconds = time.time() - began
+        model, tokenizer, _ = load_checkpoint(out / f"sft-seed{seed}")
+        rows[f"after, seed {seed}"] = accuracy(model, tokenizer, test)
+        print(f"fine-tuning with seed {seed}: {seconds:.0f} s (data preparation included)")
+    if args.seeds > 1:
+        runs = [rows[f"after, seed {seed}"] for seed in range(args.seeds)]
+        rows[f"after, median of {args.seeds}"] = {
+            column: statistics.median(run[column] for run in runs) for column in (*TASKS, "all")
+        }
     print("exact match | " + " | ".join((*TASKS, "all")))
-    for name, result in (("before", before), ("after", after)):
+    for name, result in rows.items():
         print(f"{name} | " + " | ".join(f"{result[t]:.0%}" for t in (*TASKS, "all")))
 
 
