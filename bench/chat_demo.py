@@ -125,7 +125,14 @@ def main():
             f.write(json.dumps({"messages": messages}) + "\n")
     print(f"{len(train):,} training conversations, {len(test):,} held-out questions", flush=True)
 
-    rows = {"before": accuracy(*base_as_chat_model(base), test)}
+    columns = (*TASKS, "all")
+
+    def show(name, result):  # a row of the table, printed as soon as it is known
+        print(f"{name} | " + " | ".join(f"{result[c]:.0%}" for c in columns), flush=True)
+
+    print("exact match | " + " | ".join(columns))
+    show("before", accuracy(*base_as_chat_model(base), test))
+    runs = []
     for seed in range(args.seeds):
         began = time.time()
         command = [sys.executable, "train.py", "config/sft.py", f"--init_from={base.resolve()}"]
@@ -138,18 +145,13 @@ def main():
             "--overwrite",
         ]
         subprocess.run(command, cwd=ROOT, check=True)
-        seconds = time.time() - began
-        model, tokenizer, _ = load_checkpoint(out / f"sft-seed{seed}")
-        rows[f"after, seed {seed}"] = accuracy(model, tokenizer, test)
-        print(f"fine-tuning with seed {seed}: {seconds:.0f} s (data preparation included)")
+        prepared = " (data preparation included)" if seed == 0 else ""
+        print(f"fine-tuning with seed {seed}: {time.time() - began:.0f} s{prepared}", flush=True)
+        runs.append(accuracy(*load_checkpoint(out / f"sft-seed{seed}")[:2], test))
+        show(f"after, seed {seed}", runs[-1])
     if args.seeds > 1:
-        runs = [rows[f"after, seed {seed}"] for seed in range(args.seeds)]
-        rows[f"after, median of {args.seeds}"] = {
-            column: statistics.median(run[column] for run in runs) for column in (*TASKS, "all")
-        }
-    print("exact match | " + " | ".join((*TASKS, "all")))
-    for name, result in rows.items():
-        print(f"{name} | " + " | ".join(f"{result[t]:.0%}" for t in (*TASKS, "all")))
+        median = {c: statistics.median(run[c] for run in runs) for c in columns}
+        show(f"after, median of {args.seeds}", median)
 
 
 if __name__ == "__main__":
