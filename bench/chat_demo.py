@@ -5,15 +5,17 @@ exact-match accuracy on held-out questions before and after.
     python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600] [--seeds 3]
 
 Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed: who
-speaks a line (the speaker's name as the text writes it), reverse three common words, spell a
-common word letter by letter, add two numbers below 20. The held-out questions are never among
-the training ones. The base model is `--base`, trained first when it is not there: `python
+speaks a line (the speaker's name as the text writes it), repeat three common words, reverse
+them, add two numbers below 20. Each task gives the same number of training conversations, its
+questions repeated when it has fewer (the sums). The held-out questions are never among the
+training ones. The base model is `--base`, trained first when it is not there: `python
 train.py` (the default model and recipe) for `--base-steps` steps. `--seeds N` fine-tunes it N
 times, with seeds 0 to N-1 (the order of the conversations and dropout), and prints each run and
 the median of each column.
 """
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -35,7 +37,7 @@ from infra.inference import load_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sample import generate  # noqa: E402
 
-TASKS = ("speaker", "reverse", "spell", "add")
+TASKS = ("speaker", "repeat", "reverse", "add")
 
 
 def instructions(text: str, seed: int = 0) -> dict:
@@ -49,11 +51,13 @@ def instructions(text: str, seed: int = 0) -> dict:
     words = sorted(w for w, _ in counts.most_common(1500))  # the common ones, in a fixed order
     tasks = {
         "speaker": [(f'Who says: "{line}"?', name) for line, name in lines],
+        "repeat": [],
         "reverse": [],
-        "spell": [(f"Spell the word: {w}", " ".join(w)) for w in words],
         "add": [(f"What is {a} + {b}?", str(a + b)) for a in range(20) for b in range(20)],
     }
     for _ in range(3000):
+        three = rng.sample(words[:300], 3)
+        tasks["repeat"].append((f"Repeat the words: {' '.join(three)}", " ".join(three)))
         three = rng.sample(words[:300], 3)
         tasks["reverse"].append((f"Reverse the words: {' '.join(three)}", " ".join(three[::-1])))
     for pairs in tasks.values():
@@ -62,10 +66,12 @@ def instructions(text: str, seed: int = 0) -> dict:
 
 
 def split(tasks: dict, held_out: int, train_per_task: int):
+    """The first `held_out` questions of each task for the test, train_per_task of the others
+    (cycled through when there are fewer) for training."""
     train, test = [], []
     for task, pairs in tasks.items():
         test += [(task, q, a) for q, a in pairs[:held_out]]
-        train += [(q, a) for q, a in pairs[held_out : held_out + train_per_task]]
+        train += list(itertools.islice(itertools.cycle(pairs[held_out:]), train_per_task))
     random.Random(1).shuffle(train)
     return train, test
 
