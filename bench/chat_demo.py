@@ -2,20 +2,25 @@
 generated from the bundled text, the default base model fine-tuned on it with config/sft.py, and
 exact-match accuracy on held-out questions before and after.
 
-    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600]
+    python bench/chat_demo.py [--base out/default] [--out out/chat_demo] [--steps 600] [--seeds 3]
 
 Four tasks, each question and answer made from data/tinyshakespeare.txt with a fixed seed: who
-speaks a line (the speaker's name as the text writes it), reverse three common words, spell a
-common word letter by letter, add two numbers below 20. The held-out questions are never among
-the training ones. The base model is `--base`, trained first when it is not there: `python
-train.py` (the default model and recipe) for `--base-steps` steps.
+speaks a line (the speaker's name as the text writes it), repeat three common words, reverse
+them, add two numbers below 20. Each task gives the same number of training conversations, its
+questions repeated when it has fewer (the sums). The held-out questions are never among the
+training ones. The base model is `--base`, trained first when it is not there: `python
+train.py` (the default model and recipe) for `--base-steps` steps. `--seeds N` fine-tunes it N
+times, with seeds 0 to N-1 (the order of the conversations and dropout), and prints each run and
+the median of each column.
 """
 
 import argparse
+import itertools
 import json
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +37,7 @@ from infra.inference import load_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sample import generate  # noqa: E402
 
-TASKS = ("speaker", "reverse", "spell", "add")
+TASKS = ("speaker", "repeat", "reverse", "add")
 
 
 def instructions(text: str, seed: int = 0) -> dict:
@@ -46,11 +51,13 @@ def instructions(text: str, seed: int = 0) -> dict:
     words = sorted(w for w, _ in counts.most_common(1500))  # the common ones, in a fixed order
     tasks = {
         "speaker": [(f'Who says: "{line}"?', name) for line, name in lines],
+        "repeat": [],
         "reverse": [],
-        "spell": [(f"Spell the word: {w}", " ".join(w)) for w in words],
         "add": [(f"What is {a} + {b}?", str(a + b)) for a in range(20) for b in range(20)],
     }
     for _ in range(3000):
+        three = rng.sample(words[:300], 3)
+        tasks["repeat"].append((f"Repeat the words: {' '.join(three)}", " ".join(three)))
         three = rng.sample(words[:300], 3)
         tasks["reverse"].append((f"Reverse the words: {' '.join(three)}", " ".join(three[::-1])))
     for pairs in tasks.values():
@@ -59,10 +66,12 @@ def instructions(text: str, seed: int = 0) -> dict:
 
 
 def split(tasks: dict, held_out: int, train_per_task: int):
+    """The first `held_out` questions of each task for the test, train_per_task of the others
+    (cycled through when there are fewer) for training."""
     train, test = [], []
     for task, pairs in tasks.items():
         test += [(task, q, a) for q, a in pairs[:held_out]]
-        train += [(q, a) for q, a in pairs[held_out : held_out + train_per_task]]
+        train += list(itertools.islice(itertools.cycle(pairs[held_out:]), train_per_task))
     random.Random(1).shuffle(train)
     return train, test
 
@@ -100,7 +109,10 @@ def main():
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
     parser.add_argument("--held-out", type=int, default=50, help="test questions per task")
     parser.add_argument("--base-steps", type=int, default=800, help="when the base is trained")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning runs, seeds 0 to N-1")
     args = parser.parse_args()
+    if args.seeds < 1 or args.steps < 1 or args.held_out < 1:
+        parser.error("--seeds, --steps and --held-out must be at least 1")
     base, out = Path(args.base), Path(args.out)
     if checkpoint.latest(base, sharded=False) is None:
         command = ["train.py", f"--out_dir={base.resolve()}", f"--max_steps={args.base_steps}"]
@@ -119,22 +131,33 @@ def main():
             f.write(json.dumps({"messages": messages}) + "\n")
     print(f"{len(train):,} training conversations, {len(test):,} held-out questions", flush=True)
 
-    before = accuracy(*base_as_chat_model(base), test)
-    began = time.time()
-    command = [sys.executable, "train.py", "config/sft.py", f"--init_from={base.resolve()}"]
-    command += [
-        f"--inputs={(out / 'train.jsonl').resolve()}",
-        f"--data_dir={(out / 'data').resolve()}",
-    ]
-    command += [f"--out_dir={(out / 'sft').resolve()}", f"--max_steps={args.steps}", "--overwrite"]
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.time() - began
-    model, tokenizer, _ = load_checkpoint(out / "sft")
-    after = accuracy(model, tokenizer, test)
-    print(f"fine-tuning: {seconds:.0f} s (data preparation included)")
-    print("exact match | " + " | ".join((*TASKS, "all")))
-    for name, result in (("before", before), ("after", after)):
-        print(f"{name} | " + " | ".join(f"{result[t]:.0%}" for t in (*TASKS, "all")))
+    columns = (*TASKS, "all")
+
+    def show(name, result):  # a row of the table, printed as soon as it is known
+        print(f"{name} | " + " | ".join(f"{result[c]:.0%}" for c in columns), flush=True)
+
+    print("exact match | " + " | ".join(columns))
+    show("before", accuracy(*base_as_chat_model(base), test))
+    runs = []
+    for seed in range(args.seeds):
+        began = time.time()
+        command = [sys.executable, "train.py", "config/sft.py", f"--init_from={base.resolve()}"]
+        command += [
+            f"--inputs={(out / 'train.jsonl').resolve()}",
+            f"--data_dir={(out / 'data').resolve()}",
+            f"--out_dir={(out / f'sft-seed{seed}').resolve()}",
+            f"--max_steps={args.steps}",
+            f"--seed={seed}",
+            "--overwrite",
+        ]
+        subprocess.run(command, cwd=ROOT, check=True)
+        prepared = " (data preparation included)" if seed == 0 else ""
+        print(f"fine-tuning with seed {seed}: {time.time() - began:.0f} s{prepared}", flush=True)
+        runs.append(accuracy(*load_checkpoint(out / f"sft-seed{seed}")[:2], test))
+        show(f"after, seed {seed}", runs[-1])
+    if args.seeds > 1:
+        median = {c: statistics.median(run[c] for run in runs) for c in columns}
+        show(f"after, median of {args.seeds}", median)
 
 
 if __name__ == "__main__":

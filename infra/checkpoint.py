@@ -43,16 +43,27 @@ class CorruptCheckpoint(CheckpointError):
     aside and takes the one before."""
 
 
+def dcp_failure(error: BaseException) -> str:
+    """One line for a failure of torch.distributed.checkpoint: its CheckpointException (a
+    BaseException in torch 2.13) holds each failed rank's error; the first one's first line."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        return first_line(error)
+    rank, failure = min(failures.items(), key=lambda item: item[0])
+    cause = failure[0] if isinstance(failure, tuple) else failure  # (error, its traceback)
+    return f"rank {rank}: {first_line(cause)}"
+
+
 def _dcp(call, *args, **kwargs):
-    """A torch.distributed.checkpoint call; its failures (a BaseException in torch 2.13: a full
-    disk, a missing shard) become one line."""
+    """A torch.distributed.checkpoint call; its failures (a full disk, a missing shard) become
+    one line."""
     try:
         return call(*args, **kwargs)
     except BaseException as error:  # torch's CheckpointException is not an Exception
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         raise CheckpointError(
-            f"a sharded checkpoint failed ({first_line(error)[:300]}); if a disk "
+            f"a sharded checkpoint failed ({dcp_failure(error)[:300]}); if a disk "
             "is full, free space and resume (older checkpoints are kept)"
         ) from None
 

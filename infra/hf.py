@@ -458,8 +458,9 @@ def check_weights(path, config: ModelConfig, new_rows: bool = False):
     """Open the weight files of `path` and check their names and shapes against `config`, reading
     only their headers (new_rows: see open_weights)."""
     path = Path(path)
-    if _kind(path) == "run" and _run_checkpoint(path)[0] == "dcp":
-        return  # torch.distributed.checkpoint checks them when it loads
+    if _kind(path) == "run" and (found := _run_checkpoint(path))[0] == "dcp":
+        _saved_tensors(found[1], _shapes(config), config.tie_embeddings, new_rows)
+        return
     open_weights(path, _shapes(config), config.tie_embeddings, new_rows)
 
 
@@ -484,11 +485,11 @@ def load_weights(model: Transformer, path, verbose: bool = True, new_rows: bool 
     FSDP2's fully_shard, in which case only the rows of those shards are read from disk. A sharded
     ckpt-N/ is read with torch.distributed.checkpoint, which also reads each rank's part only.
     With `new_rows` (a chat run), rows of the vocabulary tables the file lacks are each the mean
-    of its rows."""
+    of its rows (a sharded checkpoint's smaller table is then read whole on every rank)."""
     path = Path(path)
     shapes = {name: param.shape for name, param in model.named_parameters()}  # tied head once
     if _kind(path) == "run" and (found := _run_checkpoint(path))[0] == "dcp":
-        return _load_dcp(model, found[1], shapes)
+        return _load_dcp(model, found[1], shapes, new_rows)
     tensors = open_weights(path, shapes, model.config.tie_embeddings, new_rows)
     for name, tensor in tensors.items():
         if tensor.shape[0] < shapes[name][0]:
@@ -503,16 +504,59 @@ def load_weights(model: Transformer, path, verbose: bool = True, new_rows: bool 
     progress.add(0, final=True)
 
 
-def _load_dcp(model, folder: Path, shapes: dict):
+class _SavedTensor:
+    """A tensor's entry in a sharded checkpoint's metadata: its shape and dtype, no data."""
+
+    def __init__(self, entry):
+        self.shape, self.dtype = entry.size, entry.properties.dtype
+
+    def is_floating_point(self):
+        return self.dtype.is_floating_point
+
+
+def _saved_tensors(folder: Path, shapes: dict, tied: bool, new_rows: bool) -> dict:
+    """Our parameter name -> _SavedTensor for a sharded ckpt-N/, checked against `shapes` as
+    open_weights checks a file's, from its metadata alone."""
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": {name: param for name, param in model.state_dict().items() if name in shapes}}
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        saved = {
+            key.removeprefix("model."): _SavedTensor(entry)
+            for key, entry in metadata.items()
+            if key.startswith("model.")
+        }
+    except Exception as e:  # a damaged .metadata: unpickling fails in many ways
+        raise HFError(f"cannot read {folder}: {first_line(e)}") from None
+    tied_head = {"output.weight"} if tied else set()
+    return _match(saved, shapes, lambda name: name, tied_head.__contains__, folder, new_rows)
+
+
+def _load_dcp(model, folder: Path, shapes: dict, new_rows: bool):
+    """Load a sharded ckpt-N/ into `model` (plain or FSDP2) with torch.distributed.checkpoint. A
+    vocabulary table with fewer rows (new_rows) is read whole into a tensor of its saved shape,
+    then grown."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = _saved_tensors(folder, shapes, model.config.tie_embeddings, new_rows)
+    state = {name: param for name, param in model.state_dict().items() if name in shapes}
+    smaller = {
+        name: torch.empty(saved[name].shape, dtype=saved[name].dtype)
+        for name in shapes
+        if saved[name].shape[0] < shapes[name][0]
+    }
     try:
         with warnings.catch_warnings():  # DCP warns when it runs in a single process: fine here
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=folder)
-    except Exception as e:  # DCP wraps every failure, on any rank, in its own exception types
-        raise HFError(f"cannot load {folder}: {first_line(e)}") from None
+            dcp.load({"model": {**state, **smaller}}, checkpoint_id=folder)
+    except BaseException as e:  # DCP's CheckpointException, from any rank, is not an Exception
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise HFError(f"cannot load {folder}: {checkpoint.dcp_failure(e)}") from None
+    params = dict(model.named_parameters())
+    for name, table in smaller.items():
+        local, index = _local_part(params[name])
+        local.copy_(_GrownTable(table, shapes[name][0])[index])
 
 
 def load_model(folder, device="cpu", dtype=torch.float32) -> Transformer:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra import checkpoint
+from infra import checkpoint, hf
+from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = str(ROOT / "tests" / "run_train.py")
@@ -78,12 +79,11 @@ def torchrun(nproc):
     ]
 
 
-def run(workdir, out, *extra, nproc=0, stop_at=0, **conditions):
-    """Train with `nproc` torchrun ranks (0: plain python) and return the output folder;
-    `conditions` are the environment settings of tests/run_train.py (SLOW_PREPARE_S=..., ...)."""
-    env = {**ENV, "STOP_AT_STEP": str(stop_at), **{k: str(v) for k, v in conditions.items()}}
+def launch(arguments, nproc=0, env=ENV):
+    """tests/run_train.py with `arguments` on `nproc` torchrun ranks (0: plain python); it must
+    succeed."""
     result = subprocess.run(
-        [*(torchrun(nproc) if nproc else [sys.executable]), ENTRY, *args(workdir, out, *extra)],
+        [*(torchrun(nproc) if nproc else [sys.executable]), ENTRY, *arguments],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -91,6 +91,13 @@ def run(workdir, out, *extra, nproc=0, stop_at=0, **conditions):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def run(workdir, out, *extra, nproc=0, stop_at=0, **conditions):
+    """Train with `nproc` torchrun ranks (0: plain python) and return the output folder;
+    `conditions` are the environment settings of tests/run_train.py (SLOW_PREPARE_S=..., ...)."""
+    env = {**ENV, "STOP_AT_STEP": str(stop_at), **{k: str(v) for k, v in conditions.items()}}
+    launch(args(workdir, out, *extra), nproc, env)
     return workdir / out
 
 
@@ -120,6 +127,17 @@ def assert_same_model(a, b):
         # fp32 sums in another order: a few elements off by rounding (one, in a small tensor)
         differing = int((difference > 1e-6).sum())
         assert differing <= max(1, 1e-3 * difference.numel()), f"{name}: {differing} differ"
+
+
+def consolidate(out):
+    """train.py --consolidate: the FSDP run's newest ckpt-N/ into ckpt-N.pt."""
+    subprocess.run(
+        [sys.executable, "train.py", "--consolidate", str(out)],
+        cwd=ROOT,
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
 
 
 def test_ddp_two_ranks_equal_one_process(workdir, single):
@@ -155,15 +173,95 @@ def test_fsdp_two_ranks_equal_one_process_and_consolidate(workdir, single):
         fsdp, sharded=False
     ) is None
     assert losses(fsdp) == pytest.approx(losses(single), abs=1e-4)
-    subprocess.run(
-        [sys.executable, "train.py", "--consolidate", str(fsdp)],
-        cwd=ROOT,
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
+    consolidate(fsdp)
     assert_same_model(fsdp, single)
     assert checkpoint.safe_load(fsdp / "ckpt-000006.pt")["config"]["parallel"] == "fsdp"
+
+
+@pytest.fixture(scope="module")
+def chat_bases(workdir):
+    """Base models to fine-tune, each 3 steps: one trained in one process (ckpt-N.pt), one by
+    FSDP on 2 ranks (ckpt-N/); and conversations for them (greetings, one or two turns)."""
+    with open(workdir / "chats.jsonl", "w") as f:
+        for i, name in enumerate("Ann Bob Cleo Dion Emil Fay Gus Hal Ida Jon".split() * 4):
+            turns = [("Say hello to", "Hello, "), ("Greet", "Good day, ")][: 1 + i % 2]
+            messages = []
+            for ask, answer in turns:
+                messages += [
+                    {"role": "user", "content": f"{ask} {name}"},
+                    {"role": "assistant", "content": f"{answer}{name}!"},
+                ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    file_base = run(workdir, "chat_base", "--max_steps=3")
+    fsdp_base = run(workdir, "chat_base_fsdp", "--max_steps=3", "--parallel=fsdp", nproc=2)
+    return {"file": file_base, "fsdp": fsdp_base}
+
+
+def fine_tune(workdir, out, base, *extra, nproc=0):
+    """config/sft.py from `base` on the conversations of chat_bases: 6 steps of 16."""
+    launch(
+        [
+            str(ROOT / "config" / "sft.py"),
+            f"--init_from={base}",
+            f"--inputs={workdir / 'chats.jsonl'}",
+            f"--data_dir={workdir / 'chat_data'}",
+            f"--out_dir={workdir / out}",
+            "--device=cpu",
+            "--dtype=float32",
+            "--model.dropout=0.0",
+            "--micro_batch_size=4",
+            "--global_batch_tokens=1024",
+            "--lr=3e-3",
+            "--warmup_steps=2",
+            "--eval_interval=3",
+            "--eval_tokens=1024",
+            "--log_interval=1",
+            "--max_steps=6",
+            *extra,
+        ],
+        nproc,
+    )
+    return workdir / out
+
+
+@pytest.mark.parametrize(
+    "base, parallels", [("file", ["ddp", "fsdp"]), ("fsdp", ["fsdp"])], ids=["file", "fsdp"]
+)
+def test_chat_fine_tuning_on_two_ranks_equals_one_process(workdir, chat_bases, base, parallels):
+    """A chat run grows the vocabulary by ChatML's two tokens and trains on the replies only;
+    on 2 ranks it must follow one process, from a base saved as ckpt-N.pt or as an FSDP run's
+    ckpt-N/. Each rank takes whole micro-batches of the one process, so each micro-batch's mean
+    over its reply tokens is the same."""
+    single = fine_tune(workdir, f"sft_{base}", chat_bases[base])
+    assert model_state(single)["output.weight"].shape[0] == 384 + 2  # <|im_start|>, <|im_end|>
+    for parallel in parallels:
+        out = fine_tune(workdir, f"sft_{base}_{parallel}", chat_bases[base],
+                        f"--parallel={parallel}", nproc=2)  # fmt: skip
+        assert len(losses(out)) == 6
+        assert losses(out) == pytest.approx(losses(single), abs=1e-4)
+        if parallel == "fsdp":
+            consolidate(out)
+        assert_same_model(out, single)
+
+
+def test_an_fsdp_run_folder_grows_its_vocabulary_as_a_checkpoint_file_does(chat_bases, tmp_path):
+    """The two rows a chat run adds, read from a sharded ckpt-N/: each the mean of the base's
+    rows, the rest the base's weights (those of the folder consolidated into ckpt-N.pt)."""
+    base = chat_bases["fsdp"]
+    state = checkpoint.read_train_state(checkpoint.latest(base, sharded=True))
+    config = ModelConfig(**{**state["config"]["model"], "vocab_size": 386})
+    grown = Transformer(config)
+    hf.load_weights(grown, base, verbose=False, new_rows=True)
+    shutil.copytree(base, tmp_path / "base")
+    consolidate(tmp_path / "base")
+    saved = model_state(tmp_path / "base")
+    for name, param in grown.state_dict().items():
+        if name in hf.VOCABULARY_TABLES:
+            table = saved[name]
+            torch.testing.assert_close(param[:384], table, rtol=0, atol=0)
+            torch.testing.assert_close(param[384:], table.mean(0).expand(2, -1))
+        else:
+            torch.testing.assert_close(param, saved[name], rtol=0, atol=0)
 
 
 def test_fsdp_resume_equals_uninterrupted_also_on_another_world_size(workdir, single):
@@ -182,13 +280,7 @@ def test_fsdp_resume_equals_uninterrupted_also_on_another_world_size(workdir, si
     run(workdir, "fsdp_resume", "--parallel=fsdp", "--resume", nproc=2)
     run(workdir, "fsdp_resume_1rank", "--parallel=fsdp", "--resume", nproc=1)
     for out in ("fsdp_resume", "fsdp_resume_1rank"):
-        subprocess.run(
-            [sys.executable, "train.py", "--consolidate", str(workdir / out)],
-            cwd=ROOT,
-            check=True,
-            env=ENV,
-            capture_output=True,
-        )
+        consolidate(workdir / out)
         assert_same_model(workdir / out, single)
         assert losses(workdir / out) == pytest.approx(losses(single), abs=1e-4)
 

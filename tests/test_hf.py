@@ -618,6 +618,9 @@ def test_init_from_a_run_folder_single_file_or_sharded(pretrained_run, tmp_path)
             torch.equal(tensor, saved["model"][name]) for name, tensor in model.state_dict().items()
         )
         assert model.output.weight is model.tok_embeddings.weight  # still tied
+    (sharded / "__0_0.distcp").unlink()  # a lost shard: one line, not DCP's traceback
+    with pytest.raises(hf.HFError, match=r"cannot load .*ckpt-\d+: .*__0_0.distcp"):
+        train.build_model(cfg, setup_runtime(cfg), torch.float32, sharded=False, pretrained=True)
 
 
 @pytest.mark.parametrize(

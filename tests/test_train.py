@@ -873,7 +873,8 @@ def test_a_failed_sharded_save_is_one_line():
         full = _wrap_exception(OSError(28, "No space left on device"))
         raise CheckpointException("save", {0: full})
 
-    with pytest.raises(checkpoint.CheckpointError, match="a sharded checkpoint failed"):
+    failed = r"a sharded checkpoint failed \(rank 0: \[Errno 28\] No space left on device\)"
+    with pytest.raises(checkpoint.CheckpointError, match=failed):
         checkpoint._dcp(fail)
 
 
