@@ -37,7 +37,7 @@ from infra.configurator import load_file, parse_overrides, valid_keys, with_valu
 ROOT = Path(__file__).resolve().parent.parent
 README, README_ZH = ROOT / "README.md", ROOT / "README.zh-CN.md"
 # The English sections README.zh-CN.md translates: their commands and snippets are the Chinese ones.
-TRANSLATED = ("Quick start", "Read the code", "Fork it")
+TRANSLATED = ("Quick start", "Read the code", "Fork it", "Chat demo")
 
 # Shell variables the commands use, and what stands in for them when the command line is parsed.
 PLACEHOLDERS = {"$NODE_RANK": "0", "$MASTER_HOST": "localhost", "$SLURM_ARRAY_TASK_ID": "0"}
@@ -51,7 +51,7 @@ EXTERNAL_SCRIPTS = {"../shared/peers/vs_nanogpt.py"}
 PYTEST_FLAGS = {"-q", "-x"}  # pytest's own flags that the READMEs use
 # Flags named in the text on their own are options of these scripts (or config keys); these stand
 # for any.
-FLAG_SCRIPTS = ("train.py", "sample.py", "data.py", "tokenizer.py")
+FLAG_SCRIPTS = ("train.py", "sample.py", "data.py", "tokenizer.py", "bench/chat_demo.py")
 FLAG_PLACEHOLDERS = {"--key=value", "--model.KEY", "--model.*"}
 COMMAND_START = re.compile(
     r"^(?:[A-Z_]+=\S* )*(?:python3?|torchrun|pip|sbatch|echo|huggingface-cli) "
