@@ -4,7 +4,7 @@ A prepared folder holds meta.json, tokenizer.json and the shards of a train and 
 files of uint16 tokens (uint32 when the vocabulary needs it), each document's tokens between the
 tokenizer's BOS (if any) and EOS. meta.json lists each split's shards (paths relative to the
 folder) with their lengths, and is written last: a folder without it is not prepared.
-infra/prepare.py writes such folders (`python data.py --help`)."""
+infra/prepare.py writes such folders (`python -m infra.prepare --help`)."""
 import json
 import math
 import os
@@ -31,8 +31,8 @@ def read_meta(data_dir) -> dict:
     """meta.json of a prepared folder, or a DataError saying how to prepare one."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise DataError(f"no prepared data in {data_dir} (meta.json missing); run `python data.py "
-                        f"--input YOUR_TEXT --out {data_dir} --vocab-size N` "
+        raise DataError(f"no prepared data in {data_dir} (meta.json missing); run `python -m "
+                        f"infra.prepare --input YOUR_TEXT --out {data_dir} --vocab-size N` "
                         f"or set inputs")
     try:
         meta = json.loads(path.read_text())
@@ -242,9 +242,3 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
 def bits_per_byte(total_nats: float, total_bytes: float) -> float:
     """Cross-entropy summed over tokens, in nats, per byte of the text they encode, in bits."""
     return total_nats / (math.log(2) * total_bytes)
-
-
-if __name__ == "__main__":  # `python data.py --input ...`: the command line is infra/prepare.py
-    from infra.prepare import main
-
-    raise SystemExit(main())

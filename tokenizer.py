@@ -5,7 +5,8 @@ lowest-rank token merges until none does. Ids: the 256 bytes, one per merge in t
 (its rank), then special tokens, as `tiktoken.Encoding` takes them. infra/bpe_train.py trains in
 bounded memory; other projects' tokenizers are subclasses in infra/tokenizer_variants.py.
 
-    python tokenizer.py --input data/tinyshakespeare.txt --vocab-size 4096 --out out/tok.json
+    python -m infra.tokenizer_cli --input data/tinyshakespeare.txt --vocab-size 4096 \
+        --out out/tok.json
 """
 
 import hashlib
@@ -331,9 +332,3 @@ def _apply_merge(pair: str, new: str, words, weights, pair_counts, where, heap):
     where.update(born_where)
     for p, count in born.items():
         heapq.heappush(heap, (-count, p))
-
-
-if __name__ == "__main__":  # `python tokenizer.py --input ...`: infra/tokenizer_cli.py
-    from infra.tokenizer_cli import main
-
-    raise SystemExit(main())

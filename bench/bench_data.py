@@ -77,7 +77,7 @@ def generate(folder: Path, pool: list[str], total_bytes: int, seed: int = 0):
 
 
 def prepare(inputs: Path, out: Path, tokenizer: Path, workers: int, code: Path = ROOT) -> dict:
-    """Figures of one `python data.py` run (of the code in `code`) in a fresh process."""
+    """Figures of one `python -m infra.prepare` run (of the code in `code`) in a fresh process."""
     shutil.rmtree(out, ignore_errors=True)
     argv = [
         "--input",

@@ -21,9 +21,9 @@ files (by size) into out/part-0000I, with a given tokenizer; `--merge` writes on
 parts without moving their shards. Every part records the fingerprint of the whole input list, and
 merge refuses parts that disagree (inputs changed between two parts).
 
-    python data.py --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
-    python data.py --input FILE_OR_DIR [...] --out DIR --tokenizer PATH --part I/N
-    python data.py --merge DIR
+    python -m infra.prepare --input FILE_OR_DIR [...] --out DIR [--vocab-size N | --tokenizer PATH]
+    python -m infra.prepare --input FILE_OR_DIR [...] --out DIR --tokenizer PATH --part I/N
+    python -m infra.prepare --merge DIR
 """
 
 import argparse
@@ -429,7 +429,7 @@ def prepare(
     if part is not None and given is None:
         raise DataError(
             "preparing a part needs a given tokenizer, the same for every part: train "
-            "one first (python tokenizer.py --input ... --vocab-size N --out "
+            "one first (python -m infra.tokenizer_cli --input ... --vocab-size N --out "
             "tok.json) and pass --tokenizer"
         )
     settings = _settings(
@@ -747,7 +747,7 @@ def _part(text: str) -> tuple[int, int]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python data.py",
+        prog="python -m infra.prepare",
         description="Tokenize a corpus into train/val token shards.",
     )
     parser.add_argument(

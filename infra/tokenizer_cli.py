@@ -1,4 +1,4 @@
-"""`python tokenizer.py ...`: train a byte-level BPE tokenizer on files or folders in
+"""`python -m infra.tokenizer_cli ...`: train a byte-level BPE tokenizer on files or folders in
 bounded memory (infra/bpe_train.py) and save it."""
 
 import argparse
@@ -44,7 +44,7 @@ def check_writable(path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python tokenizer.py",
+        prog="python -m infra.tokenizer_cli",
         description="Train a byte-level BPE tokenizer and save it as JSON.",
     )
     p.add_argument(

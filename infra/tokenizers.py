@@ -57,7 +57,7 @@ def load_tokenizer(path) -> Tokenizer:
         raise TokenizerError(
             f'{path}: not a {FORMAT} tokenizer file (no "format": "{FORMAT}" '
             f"field) nor a Hugging Face tokenizer.json; train one with "
-            f"`python tokenizer.py`"
+            f"`python -m infra.tokenizer_cli`"
         )
     if obj.get("version") == 1:
         return Tokenizer.load(path)

@@ -212,7 +212,7 @@ def test_folders_of_the_user_are_never_emptied(tmp_path, tokenizer_file):
 
 
 def run_script(tmp_path, setup: str, argv: list[str], timeout=120) -> subprocess.CompletedProcess:
-    """Run `python data.py` (infra.prepare.main) with argv in a fresh process after `setup`
+    """Run `python -m infra.prepare` (infra.prepare.main) with argv in a fresh process after `setup`
     (small constants, injected faults)."""
     script = tmp_path / "run.py"
     script.write_text(
@@ -470,8 +470,8 @@ WORDS_AND_SPACES = r"\S+|\s+"
 
 
 def test_the_split_pattern_is_a_setting_of_data_prep(tmp_path, capsys):
-    """`python data.py --pattern REGEX` trains the folder's tokenizer with that pattern (and the
-    folder records it); an invalid pattern is one line, before any corpus is read."""
+    """`python -m infra.prepare --pattern REGEX` trains the folder's tokenizer with that pattern
+    (and the folder records it); an invalid pattern is one line, before any corpus is read."""
     (tmp_path / "t.txt").write_text(SHAKESPEARE[:40_000])
     out = tmp_path / "out"
     argv = ["--input", str(tmp_path / "t.txt"), "--out", str(out), "--vocab-size", "300"]

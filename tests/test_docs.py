@@ -51,7 +51,13 @@ EXTERNAL_SCRIPTS = {"../shared/peers/vs_nanogpt.py"}
 PYTEST_FLAGS = {"-q", "-x"}  # pytest's own flags that the READMEs use
 # Flags named in the text on their own are options of these scripts (or config keys); these stand
 # for any.
-FLAG_SCRIPTS = ("train.py", "sample.py", "data.py", "tokenizer.py", "bench/chat_demo.py")
+FLAG_SCRIPTS = (
+    "train.py",
+    "sample.py",
+    "infra/prepare.py",
+    "infra/tokenizer_cli.py",
+    "bench/chat_demo.py",
+)
 FLAG_PLACEHOLDERS = {"--key=value", "--model.KEY", "--model.*"}
 COMMAND_START = re.compile(
     r"^(?:[A-Z_]+=\S* )*(?:python3?|torchrun|pip|sbatch|echo|huggingface-cli) "
@@ -532,8 +538,8 @@ def test_python_snippets_run(code, where, tmp_path):
         ("python train.py --model.n_heads=5", "not divisible by n_heads"),
         ("python train.py config/13b.py", "config file config/13b.py not found"),
         ("python train.py --dryrun", "cannot read '--dryrun'"),
-        ("python data.py --input a --vocab_size 3", "unrecognized arguments"),
-        ("python data.py --merge /x --part 3/2", "expected I/N"),
+        ("python -m infra.prepare --input a --vocab_size 3", "unrecognized arguments"),
+        ("python -m infra.prepare --merge /x --part 3/2", "expected I/N"),
         ("echo hi | python sample.py --prompt x", "the following arguments are required: --ckpt"),
         ("python bench/bench_hf.py tail", "invalid choice: 'tail'"),
         ("python no_such.py", "no script no_such.py"),
@@ -542,7 +548,7 @@ def test_python_snippets_run(code, where, tmp_path):
         ("torchrun --standalone train.py --lr=fast", "expected a value of type float"),
         ("pip install -r requirements-gpu.txt", "no file requirements-gpu.txt"),
         ("python train.py --out_dir=$OUT", "without a stand-in"),
-        ("sbatch --wrap 'python data.py --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
+        ("sbatch --wrap 'python -m infra.prepare --part $SLURM_ARRAY_TASK_ID'", "expected I/N"),
     ],
 )
 def test_a_wrong_command_is_reported(command, message):

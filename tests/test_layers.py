@@ -1,11 +1,9 @@
 """The layout's layers, checked on the source: the core imports only torch, numpy, regex, the
 standard library and the core below it; infra/ imports the core and itself, never an entry point;
-the entry points compose both; no module imports itself back through others.
+the entry points (train.py, sample.py) compose both; no module imports itself back through others.
 
-Every import counts, at any depth, inside functions too. The entry points are train.py, sample.py
-and the `if __name__ == "__main__":` block of any module (`python data.py` runs data.py's block as
-a module of its own, `__main__`, which nothing imports): the graph holds such a block as a node of
-its own, "data:__main__", so that data.py's command line may import infra/prepare.py.
+Every import counts, at any depth: inside functions and `if __name__ == "__main__":` blocks too.
+The command lines that live in infra/ run as `python -m infra.MODULE`.
 """
 
 import ast
@@ -48,17 +46,11 @@ def main_block(tree: ast.Module) -> ast.If | None:
     return None
 
 
-def imports_of(path: Path, known: set[str], part: str = "module") -> set[str]:
-    """The imports of a file's module ("module": all but its `__main__` block) or of its
-    `__main__` block ("main"), as project module names where they are the project's and
-    top-level package names otherwise."""
-    tree = ast.parse(path.read_text())
-    block = main_block(tree)
-    in_block = {id(node) for node in ast.walk(block)} if block else set()
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The imports of a file, as project module names where they are the project's and top-level
+    package names otherwise."""
     found = set()
-    for node in ast.walk(tree):
-        if (id(node) in in_block) != (part == "main"):
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -80,15 +72,11 @@ def imports_of(path: Path, known: set[str], part: str = "module") -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """{node: the project modules it imports}: every module, and every `__main__` block as
-    "MODULE:__main__"."""
     modules = project_modules()
-    graph = {}
-    for name, path in modules.items():
-        graph[name] = imports_of(path, set(modules)) & set(modules) - {name}
-        if main_block(ast.parse(path.read_text())):
-            graph[f"{name}:__main__"] = imports_of(path, set(modules), "main") & set(modules)
-    return graph
+    return {
+        name: imports_of(path, set(modules)) & set(modules) - {name}
+        for name, path in modules.items()
+    }
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -143,34 +131,25 @@ def test_a_planted_upward_import_or_circle_is_found(tmp_path):
     assert layer_violations({**graph, "data": graph["data"] | {"train"}})
     assert layer_violations({**graph, "infra.run": graph["infra.run"] | {"sample"}})
     assert cycles({**graph, "model": graph["model"] | {"config"}})
-    # a lazy import inside a function counts for the module; one in the `__main__` block counts
-    # for the block, an entry point
+    # a lazy import inside a function counts, and so does one in the `__main__` block
     planted = tmp_path / "core.py"
     planted.write_text(
         "def f():\n    import infra.prepare\n\n"
         "if __name__ == '__main__':\n    from infra.tokenizer_cli import main\n"
     )
     known = {"infra.prepare", "infra.tokenizer_cli"}
-    assert imports_of(planted, known) == {"infra.prepare"}
-    assert imports_of(planted, known, "main") == {"infra.tokenizer_cli"}
+    assert imports_of(planted, known) == known
 
 
 def test_imports_are_absolute_and_main_blocks_are_thin():
     """The graph reads absolute names: a relative import would escape it. A `__main__` block is an
-    entry point only while it is thin: an import and a call of main()."""
+    entry point's hand-over only while it is thin: an import and a call of main()."""
     for name, path in project_modules().items():
         tree = ast.parse(path.read_text())
         relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
         assert relative == [], f"{name}: a relative import at line(s) {relative}"
         block = main_block(tree)
         assert block is None or len(block.body) <= 2, f"{name}: its __main__ block is not thin"
-
-
-def test_data_and_tokenizer_command_lines_are_entry_points_into_infra():
-    graph = import_graph()
-    assert graph["data:__main__"] == {"infra.prepare"}
-    assert graph["tokenizer:__main__"] == {"infra.tokenizer_cli"}
-    assert "infra.prepare" not in graph["data"] and "infra.tokenizer_cli" not in graph["tokenizer"]
 
 
 @pytest.mark.parametrize("name", sorted(CORE) + sorted(ENTRY_POINTS))

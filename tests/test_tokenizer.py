@@ -595,13 +595,14 @@ def test_the_tokenizer_benchmark_skips_the_corpora_it_cannot_find(tmp_path):
 
 
 def run_cli(tmp_path, *args) -> subprocess.CompletedProcess:
-    """`python tokenizer.py --input (30 KB of Shakespeare) --vocab-size 300 ARGS` in a
+    """`python -m infra.tokenizer_cli --input (30 KB of Shakespeare) --vocab-size 300 ARGS` in a
     new process."""
     (tmp_path / "in.txt").write_text(CORPUS[:30_000])
     return subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tokenizer.py"),
+            "-m",
+            "infra.tokenizer_cli",
             "--input",
             str(tmp_path / "in.txt"),
             "--vocab-size",
@@ -617,7 +618,7 @@ def run_cli(tmp_path, *args) -> subprocess.CompletedProcess:
 
 
 def test_a_tokenizer_file_is_recognised_by_its_content_not_its_name(tmp_path):
-    """`python tokenizer.py --out tok.model` writes this project's JSON under a name that
+    """`python -m infra.tokenizer_cli --out tok.model` writes this project's JSON under a name that
     SentencePiece models also use: loading it reads what it holds."""
     result = run_cli(tmp_path, "--out", "tok.model")
     assert result.returncode == 0, result.stderr
